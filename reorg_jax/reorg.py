@@ -45,10 +45,10 @@ def reorg(x: jax.Array) -> jax.Array:
   _, height, width, _ = x.shape
   if height % 2 or width % 2:
     raise ValueError(
-        f'reorg needs even height and width, got H={height}, W={width} (input shape {x.shape})'
+      f'reorg needs even height and width, got H={height}, W={width} (input shape {x.shape})'
     )
   return jax.numpy.concatenate(
-      [x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], axis=-1
+    [x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], axis=-1
   )
 
 

@@ -37,3 +37,67 @@ def install_torchvision_stand_in() -> None:
 
 
 install_torchvision_stand_in()
+
+
+def _reference_loss_module():
+  """The reference loss module, with its hard-coded ``'cuda:0'`` redirected to the CPU.
+
+  Upstream builds the per-level results of a level that gets no positive with
+  ``torch.tensor([], device='cuda:0')``, which fails on CPU-only torch. The
+  module's ``torch`` name is replaced by a proxy whose ``tensor`` drops that
+  device argument; everything else is the real torch.
+  """
+  import torch
+  from sas_yolov7.utils import loss as reference
+
+  if not isinstance(reference.torch, types.ModuleType):
+    return reference
+
+  class _CpuTorch:
+    def __getattr__(self, name):
+      return getattr(torch, name)
+
+    @staticmethod
+    def tensor(*args, **kwargs):
+      if str(kwargs.get('device', '')).startswith('cuda'):
+        kwargs['device'] = 'cpu'
+      return torch.tensor(*args, **kwargs)
+
+  reference.torch = _CpuTorch()
+  return reference
+
+
+def reference_loss(config):
+  """Upstream ``ComputeLossAuxOTA`` configured like ``config`` (a ``LossConfig``)."""
+  import torch
+
+  reference = _reference_loss_module()
+
+  class Head(torch.nn.Module):
+    def __init__(self):
+      super().__init__()
+      self.nl, self.na, self.nc = config.num_levels, config.num_anchors, config.num_classes
+      self.stride = torch.tensor(config.strides, dtype=torch.float32)
+      anchors = torch.tensor(config.anchors, dtype=torch.float32)
+      self.register_buffer('anchors', anchors / self.stride.view(-1, 1, 1))
+
+  class Model(torch.nn.Module):
+    def __init__(self):
+      super().__init__()
+      self.model = torch.nn.ModuleList([Head()])
+      self.anchor = torch.nn.Parameter(torch.zeros(1))
+      self.gr = config.gr
+      self.hyp = {
+        'box': config.box,
+        'obj': config.obj,
+        'cls': config.cls,
+        'cls_pw': config.cls_pw,
+        'obj_pw': config.obj_pw,
+        'label_smoothing': config.label_smoothing,
+        'anchor_t': config.anchor_t,
+        'fl_gamma': 0.0,
+      }
+
+  loss = reference.ComputeLossAuxOTA(Model())
+  loss.balance = list(config.balance)
+  return loss

@@ -1,0 +1,365 @@
+"""Lead-guided label assignment: candidate cells, then SimOTA, on fixed shapes.
+
+Glossary: ``B`` batch, ``L`` levels, ``A`` anchors per level, ``M`` max boxes
+per image, ``O = 5`` cell offsets (centre, left, up, right, down),
+``K = L * O * A * M`` candidate slots per image, ``C`` classes, ``H_l``/``W_l``
+the grid of level ``l``.
+
+Every image owns ``K`` candidate slots laid out as ``[L, O, A, M]``: slot
+``((l * O + o) * A + a) * M + m`` is "box ``m``, anchor ``a``, offset ``o`` on
+level ``l``". That is the order upstream's ``find_3_positive`` /
+``find_5_positive`` produce candidates in (level, then offset, then anchor,
+then box), so positions, tie-breaks and the order in which duplicate
+positives write objectness all follow upstream. A slot is *live* when the box
+is real, the anchor shape fits the box (``max(r, 1/r) < anchor_t``) and the
+offset applies; dead slots are masked, never dropped.
+
+SimOTA then runs over all live slots of an image for every box of that image,
+also slots that other boxes produced: a box is scored against the whole
+candidate list, as upstream does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from reorg_jax import boxes as box_lib
+from reorg_jax.config import LossConfig
+from reorg_jax.targets import Targets
+
+NUM_OFFSETS = 5
+# Grid offsets in units of the neighbourhood radius g, subtracted from the box
+# centre: centre, left (x - g), up (y - g), right (x + g), down (y + g).
+_OFFSETS = np.array([[0, 0], [1, 0], [0, 1], [-1, 0], [0, -1]], np.float32)
+_TINY = float(np.finfo(np.float32).tiny)
+
+
+@flax.struct.dataclass
+class Assignment:
+  """Which candidate cells are trained, and on which box.
+
+  Attributes (``[B, K]`` unless noted):
+    level: level of the slot.
+    anchor: anchor index within the level.
+    gj: grid row.
+    gi: grid column.
+    gt: index into the image's boxes (``Targets`` row) that the slot is
+      trained on; meaningful where ``positive``.
+    candidate: the slot is live (passed the anchor-shape and offset tests).
+    positive: the slot survived SimOTA.
+    dynamic_k: ``[B, M]`` dynamic k of each box (0 for padding).
+  """
+
+  level: jax.Array
+  anchor: jax.Array
+  gj: jax.Array
+  gi: jax.Array
+  gt: jax.Array
+  candidate: jax.Array
+  positive: jax.Array
+  dynamic_k: jax.Array
+
+
+def grid_shapes(outputs: Sequence[jax.Array], config: LossConfig) -> tuple[tuple[int, int], ...]:
+  """Checks ``L`` head outputs ``[B, A, H_l, W_l, 5 + C]`` and returns their ``(H_l, W_l)``."""
+  if len(outputs) != config.num_levels:
+    raise ValueError(f'expected {config.num_levels} level outputs, got {len(outputs)}')
+  want = (config.num_anchors, 5 + config.num_classes)
+  shapes = []
+  for level, out in enumerate(outputs):
+    if out.ndim != 5 or (out.shape[1], out.shape[4]) != want:
+      raise ValueError(
+        f'level {level} output must be [B, A={want[0]}, H, W, 5+C={want[1]}], got {out.shape}'
+      )
+    if out.shape[0] != outputs[0].shape[0]:
+      raise ValueError(f'level {level} has batch {out.shape[0]}, level 0 has {outputs[0].shape[0]}')
+    shapes.append((out.shape[2], out.shape[3]))
+  return tuple(shapes)
+
+
+def check_image_hw(
+  image_hw: tuple[int, int], grids: Sequence[tuple[int, int]], config: LossConfig
+) -> None:
+  """Raises ``ValueError`` unless each level's grid is the image size over its stride."""
+  height, width = image_hw
+  for level, ((grid_h, grid_w), stride) in enumerate(zip(grids, config.strides, strict=True)):
+    if (grid_h * stride, grid_w * stride) != (height, width):
+      raise ValueError(
+        f'level {level} grid {grid_h}x{grid_w} at stride {stride} does not cover an image of '
+        f'{height}x{width} (H x W); pass image_hw=(H, W) of the network input'
+      )
+
+
+def slot_layout(config: LossConfig, max_boxes: int) -> tuple[np.ndarray, np.ndarray]:
+  """Static level and anchor index of every slot: two ``[K]`` int32 arrays."""
+  shape = (config.num_levels, NUM_OFFSETS, config.num_anchors, max_boxes)
+  level = np.broadcast_to(np.arange(shape[0])[:, None, None, None], shape)
+  anchor = np.broadcast_to(np.arange(shape[2])[None, None, :, None], shape)
+  return level.reshape(-1).astype(np.int32), anchor.reshape(-1).astype(np.int32)
+
+
+def anchors_in_cells(config: LossConfig) -> list[jax.Array]:
+  """``L`` arrays ``[A, 2]``: anchors divided by their level's stride, in float32."""
+  return [
+    jnp.asarray(row, jnp.float32) / jnp.float32(stride)
+    for row, stride in zip(config.anchors, config.strides, strict=True)
+  ]
+
+
+def find_candidates(
+  targets: Targets,
+  grids: Sequence[tuple[int, int]],
+  config: LossConfig,
+  *,
+  coarse: bool,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Candidate cells of every box: upstream's ``find_3_positive`` / ``find_5_positive``.
+
+  Per level, the box centre ``(x, y)`` in grid units always proposes its own
+  cell; it also proposes the left cell when ``frac(x) < g and x > 1``, the
+  upper when ``frac(y) < g and y > 1``, the right when
+  ``frac(W_l - x) < g and W_l - x > 1`` and the lower likewise, where
+  ``g = 0.5`` (fine: at most one of each pair) or ``g = 1.0`` (coarse: both).
+
+  Args:
+    targets: ``[B, M, ...]`` boxes.
+    grids: ``L`` grid shapes ``(H_l, W_l)``.
+    config: head geometry.
+    coarse: ``g = 1.0`` (auxiliary head) instead of ``g = 0.5`` (lead head).
+
+  Returns:
+    ``gj``, ``gi`` (``[B, K]`` int32 cells, clamped to the grid) and
+    ``live`` (``[B, K]`` bool).
+  """
+  g = 1.0 if coarse else 0.5
+  offsets = jnp.asarray(_OFFSETS * g)  # [O, 2]
+  gjs, gis, lives = [], [], []
+  for (grid_h, grid_w), anchors in zip(grids, anchors_in_cells(config), strict=True):
+    gain = jnp.asarray([grid_w, grid_h], jnp.float32)
+    gxy = targets.boxes[..., :2].astype(jnp.float32) * gain  # [B, M, 2]
+    gwh = targets.boxes[..., 2:].astype(jnp.float32) * gain
+    ratio = gwh[:, None, :, :] / anchors[None, :, None, :]  # [B, A, M, 2]
+    shape_ok = jnp.max(jnp.maximum(ratio, 1.0 / ratio), axis=-1) < config.anchor_t  # [B, A, M]
+    gxy_inv = gain - gxy
+    near_low = (jnp.mod(gxy, 1.0) < g) & (gxy > 1.0)  # [B, M, 2]: left, up
+    near_high = (jnp.mod(gxy_inv, 1.0) < g) & (gxy_inv > 1.0)  # right, down
+    use = jnp.stack(
+      [
+        jnp.ones_like(near_low[..., 0]),
+        near_low[..., 0],
+        near_low[..., 1],
+        near_high[..., 0],
+        near_high[..., 1],
+      ],
+      axis=1,
+    )  # [B, O, M]
+    live = use[:, :, None, :] & shape_ok[:, None, :, :] & targets.valid[:, None, None, :]
+    cell = jnp.floor(gxy[:, None, :, :] - offsets[None, :, None, :]).astype(
+      jnp.int32
+    )  # [B, O, M, 2]
+    gi = jnp.clip(cell[..., 0], 0, grid_w - 1)
+    gj = jnp.clip(cell[..., 1], 0, grid_h - 1)
+    gis.append(jnp.broadcast_to(gi[:, :, None, :], live.shape))  # [B, O, A, M]
+    gjs.append(jnp.broadcast_to(gj[:, :, None, :], live.shape))
+    lives.append(live)
+  batch = targets.batch_size
+
+  def flat(parts: list[jax.Array]) -> jax.Array:
+    return jnp.stack(parts, axis=1).reshape(batch, -1)  # [B, K]
+
+  return flat(gjs), flat(gis), flat(lives)
+
+
+def gather_cells(
+  outputs: Sequence[jax.Array], anchor: np.ndarray, gj: jax.Array, gi: jax.Array
+) -> jax.Array:
+  """Predictions at candidate slots.
+
+  Args:
+    outputs: ``L`` arrays ``[B, A, H_l, W_l, F]``.
+    anchor: ``[K]`` static anchor index per slot (slots are level-major, each
+      level holding ``K / L`` of them).
+    gj, gi: ``[B, K]`` cells.
+
+  Returns:
+    ``[B, K, F]``.
+  """
+  per_level = anchor.shape[0] // len(outputs)
+  pieces = []
+  for level, out in enumerate(outputs):
+    batch, num_anchors, grid_h, grid_w, features = out.shape
+    part = slice(level * per_level, (level + 1) * per_level)
+    flat_index = (jnp.asarray(anchor[part]) * grid_h + gj[:, part]) * grid_w + gi[:, part]
+    table = out.reshape(batch, num_anchors * grid_h * grid_w, features)
+    pieces.append(jnp.take_along_axis(table, flat_index[..., None], axis=1))  # [B, K/L, F]
+  return jnp.concatenate(pieces, axis=1)
+
+
+@flax.struct.dataclass
+class CandidateCosts:
+  """Candidate slots of one head and their SimOTA scores against every box.
+
+  Attributes:
+    gj, gi: ``[B, K]`` int32 cells.
+    live: ``[B, K]`` bool, the slot is a candidate.
+    iou: ``[B, M, K]`` IoU of box and decoded lead prediction (0 where the
+      box is padding or the slot is dead).
+    cost: ``[B, M, K]`` SimOTA cost (``inf`` where the box is padding or the
+      slot is dead).
+  """
+
+  gj: jax.Array
+  gi: jax.Array
+  live: jax.Array
+  iou: jax.Array
+  cost: jax.Array
+
+
+def candidate_costs(
+  lead: Sequence[jax.Array],
+  targets: Targets,
+  image_hw: tuple[int, int],
+  config: LossConfig,
+  *,
+  coarse: bool,
+) -> CandidateCosts:
+  """Steps 1-3 of :func:`assign`: candidate slots, their IoU and cost per box.
+
+  Boxes are scaled to pixels with ``x, w`` times the image width and
+  ``y, h`` times its height. Upstream scales both by the height, which
+  differs only for non-square images.
+
+  Args and shapes as in :func:`assign`.
+  """
+  grids = grid_shapes(lead, config)
+  check_image_hw(image_hw, grids, config)
+  lead = [jax.lax.stop_gradient(out) for out in lead]
+  targets = jax.lax.stop_gradient(targets)
+  level, anchor = slot_layout(config, targets.max_boxes)
+  gj, gi, live = find_candidates(targets, grids, config, coarse=coarse)
+  preds = gather_cells(lead, anchor, gj, gi).astype(jnp.float32)  # [B, K, 5 + C]
+
+  stride = jnp.asarray(np.asarray(config.strides, np.float32)[level])  # [K]
+  anchor_wh = jnp.concatenate(anchors_in_cells(config))[
+    level * config.num_anchors + anchor
+  ]  # [K, 2]
+  cell_xy = jnp.stack([gi, gj], axis=-1).astype(jnp.float32)  # [B, K, 2]
+  pred_xy = (jax.nn.sigmoid(preds[..., :2]) * 2.0 - 0.5 + cell_xy) * stride[:, None]
+  pred_wh = (jax.nn.sigmoid(preds[..., 2:4]) * 2.0) ** 2 * anchor_wh * stride[:, None]
+  pred_xyxy = box_lib.cxcywh_to_xyxy(jnp.concatenate([pred_xy, pred_wh], axis=-1))
+
+  height, width = image_hw
+  scale = jnp.asarray([width, height, width, height], jnp.float32)
+  true_xyxy = box_lib.cxcywh_to_xyxy(targets.boxes.astype(jnp.float32) * scale)  # [B, M, 4]
+  pair = targets.valid[:, :, None] & live[:, None, :]  # [B, M, K]
+  iou = jnp.where(pair, box_lib.iou_xyxy(true_xyxy, pred_xyxy), 0.0)
+  cost = _class_cost(preds, targets.classes) + config.iou_cost_weight * -jnp.log(iou + 1e-8)
+  cost = jnp.where(pair, cost, jnp.inf)
+  return CandidateCosts(gj=gj, gi=gi, live=live, iou=iou, cost=cost)
+
+
+def dynamic_ks(iou: jax.Array, valid: jax.Array, config: LossConfig) -> jax.Array:
+  """``[B, M]`` dynamic k: ``max(1, int(sum of the best IoUs))`` per real box, 0 for padding."""
+  top = jax.lax.top_k(iou, min(config.dynamic_k_candidates, iou.shape[-1]))[0]  # [B, M, k]
+  dynamic_k = jnp.maximum(jnp.sum(top, axis=-1).astype(jnp.int32), 1)
+  return jnp.where(valid, dynamic_k, 0)
+
+
+def assign(
+  lead: Sequence[jax.Array],
+  targets: Targets,
+  image_hw: tuple[int, int],
+  config: LossConfig,
+  *,
+  coarse: bool,
+) -> Assignment:
+  """Lead-guided SimOTA assignment for one head, vectorised over the batch.
+
+  ``coarse=False`` reproduces upstream's ``build_targets`` (lead head, fine
+  candidates), ``coarse=True`` its ``build_targets2`` (auxiliary head, coarse
+  candidates); both score candidates with the *lead* head's predictions.
+
+  For every image and box ``m``:
+
+  1. decode the lead predictions at all live slots to pixel boxes;
+  2. ``iou[m, k]`` against every slot, ``dynamic_k[m] = max(1, int(sum of the
+     top-20 IoUs))``;
+  3. ``cost[m, k] = BCE(sqrt(sigmoid(cls) * sigmoid(obj)), one-hot) +
+     3 * -log(iou + 1e-8)``, the class part computed as
+     ``sum_c softplus(z_c) - z_class`` with ``z`` the logit of the geometric
+     mean, so no ``[M, K, C]`` tensor is formed;
+  4. box ``m`` selects its ``dynamic_k[m]`` cheapest slots (equal costs: the
+     lower slot first);
+  5. a slot selected by several boxes goes to the box of lowest cost over
+     *all* boxes of the image (equal costs: lower box index), which may be a
+     box that did not select it.
+
+  Memory is ``O(B * M * K)``; the result carries no gradient.
+
+  Args:
+    lead: ``L`` lead-head outputs ``[B, A, H_l, W_l, 5 + C]`` (raw logits).
+    targets: ``[B, M, ...]`` boxes.
+    image_hw: static network input size ``(H, W)`` in pixels.
+    config: head geometry and cost weights.
+    coarse: auxiliary-head neighbourhood (5 cells) instead of lead (3 cells).
+
+  Returns:
+    ``Assignment`` with ``[B, K]`` fields, ``K = L * 5 * A * M``.
+  """
+  scores = candidate_costs(lead, targets, image_hw, config, coarse=coarse)
+  dynamic_k = dynamic_ks(scores.iou, targets.valid, config)
+  max_k = min(config.dynamic_k_candidates, scores.cost.shape[-1])
+  pair = targets.valid[:, :, None] & scores.live[:, None, :]  # [B, M, K]
+  selected = _select_cheapest(scores.cost, dynamic_k, max_k=max_k) & pair
+  takers = jnp.sum(selected, axis=1)  # [B, K]
+  cheapest_box = jnp.argmin(scores.cost, axis=1).astype(jnp.int32)
+  only_box = jnp.argmax(selected, axis=1).astype(jnp.int32)
+  level, anchor = slot_layout(config, targets.max_boxes)
+  batch = targets.batch_size
+  return Assignment(
+    level=jnp.broadcast_to(jnp.asarray(level), (batch, level.shape[0])),
+    anchor=jnp.broadcast_to(jnp.asarray(anchor), (batch, anchor.shape[0])),
+    gj=scores.gj,
+    gi=scores.gi,
+    gt=jnp.where(takers > 1, cheapest_box, only_box),
+    candidate=scores.live,
+    positive=takers > 0,
+    dynamic_k=dynamic_k,
+  )
+
+
+def _class_cost(preds: jax.Array, classes: jax.Array) -> jax.Array:
+  """SimOTA class cost ``[B, M, K]`` from ``[B, K, 5 + C]`` predictions and ``[B, M]`` classes.
+
+  ``y = sqrt(sigmoid(cls) * sigmoid(obj))``; the cost is the BCE-with-logits
+  of ``z = log(y / (1 - y))`` against the one-hot class, summed over classes,
+  which equals ``sum_c softplus(z_c) - z_class``. ``y`` is kept inside
+  ``[tiny, 1 - tiny]`` so that saturated logits give a large finite cost where
+  upstream would produce inf or NaN.
+  """
+  y = jnp.sqrt(jax.nn.sigmoid(preds[..., 5:]) * jax.nn.sigmoid(preds[..., 4:5]))  # [B, K, C]
+  z = jnp.log(jnp.maximum(y, _TINY) / jnp.maximum(1.0 - y, _TINY))
+  total = jnp.sum(jax.nn.softplus(z), axis=-1)  # [B, K]
+  z_true = jax.vmap(lambda zt, c: zt[c])(jnp.swapaxes(z, 1, 2), classes)  # [B, M, K]
+  return total[:, None, :] - z_true
+
+
+def _select_cheapest(cost: jax.Array, count: jax.Array, *, max_k: int) -> jax.Array:
+  """``[B, M, K]`` mask of each row's ``count`` smallest costs, lower index first on ties.
+
+  ``count`` (``[B, M]``) is at most ``max_k``; a row with ``count == 0`` selects
+  nothing. Uses one ``top_k`` with the static bound ``max_k`` and compares
+  against the ``count``-th value instead of scattering indices.
+  """
+  neg_values, indices = jax.lax.top_k(-cost, max_k)  # [B, M, max_k]
+  last = jnp.clip(count - 1, 0, max_k - 1)[..., None]
+  bound = -jnp.take_along_axis(neg_values, last, axis=-1)  # [B, M, 1]
+  bound_index = jnp.take_along_axis(indices, last, axis=-1)
+  slot = jnp.arange(cost.shape[-1])
+  chosen = (cost < bound) | ((cost == bound) & (slot <= bound_index))
+  return chosen & (count > 0)[..., None]

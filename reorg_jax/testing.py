@@ -1,0 +1,91 @@
+"""Seeded random scenes and head outputs for tests, benchmarks and notebooks.
+
+Glossary: ``B`` batch, ``N`` label rows, ``L`` levels, ``A`` anchors per level,
+``C`` classes, ``H_l``/``W_l`` the grid of level ``l``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from reorg_jax.config import LossConfig
+
+
+def random_labels(
+  rng: np.random.Generator,
+  *,
+  boxes_per_image: list[int],
+  num_classes: int,
+  image_hw: tuple[int, int],
+  min_size: float = 2.0,
+  border_fraction: float = 0.15,
+) -> np.ndarray:
+  """COCO-like boxes as upstream's flat label rows.
+
+  Widths and heights are log-uniform between ``min_size`` pixels and the image
+  side; a ``border_fraction`` of boxes is pushed against an image border.
+  Boxes are clipped to the image like upstream's data loader does.
+
+  Args:
+    rng: NumPy generator (the seed decides everything).
+    boxes_per_image: ``B`` counts; 0 gives an empty image.
+    num_classes: ``C``.
+    image_hw: ``(H, W)`` in pixels.
+    min_size: smallest side in pixels.
+    border_fraction: share of boxes touching a border.
+
+  Returns:
+    ``[N, 6]`` float32 rows ``(image, class, cx, cy, w, h)``, normalised.
+  """
+  height, width = image_hw
+  rows = []
+  for image, count in enumerate(boxes_per_image):
+    if count == 0:
+      continue
+    side = np.array([width, height], np.float64)
+    wh = np.exp(rng.uniform(np.log(min_size), np.log(side), size=(count, 2)))
+    centre = rng.uniform(0, side, size=(count, 2))
+    x1y1 = np.clip(centre - wh / 2, 0, side)
+    x2y2 = np.clip(centre + wh / 2, 0, side)
+    touch = rng.random(count) < border_fraction
+    which = rng.integers(0, 4, size=count)
+    for i in np.flatnonzero(touch):
+      axis, high = which[i] % 2, which[i] // 2
+      extent = x2y2[i, axis] - x1y1[i, axis]
+      if high:
+        x1y1[i, axis], x2y2[i, axis] = side[axis] - extent, side[axis]
+      else:
+        x1y1[i, axis], x2y2[i, axis] = 0.0, extent
+    xywh = np.concatenate([(x1y1 + x2y2) / 2, x2y2 - x1y1], axis=1) / np.tile(side, 2)
+    keep = (xywh[:, 2:] > 0).all(axis=1)
+    classes = rng.integers(0, num_classes, size=count)
+    block = np.concatenate([np.full((count, 1), image), classes[:, None], xywh], axis=1)[keep]
+    rows.append(block)
+  if not rows:
+    return np.zeros((0, 6), np.float32)
+  return np.concatenate(rows).astype(np.float32)
+
+
+def random_head_outputs(
+  rng: np.random.Generator,
+  config: LossConfig,
+  *,
+  batch_size: int,
+  image_hw: tuple[int, int],
+  heads: int = 2,
+  scale: float = 1.5,
+) -> list[np.ndarray]:
+  """Random raw head outputs ``[B, A, H_l, W_l, 5 + C]``: ``heads * L`` arrays, lead first.
+
+  Logits are normal with standard deviation ``scale``, objectness shifted
+  down by 4 as in a detector early in training.
+  """
+  height, width = image_hw
+  outputs = []
+  for _ in range(heads):
+    for stride in config.strides:
+      shape = (batch_size, config.num_anchors, height // stride, width // stride)
+      out = rng.normal(0.0, scale, size=(*shape, 5 + config.num_classes))
+      out[..., 4] -= 4.0
+      outputs.append(out.astype(np.float32))
+  return outputs
