@@ -49,7 +49,7 @@ class Assignment:
     gj: grid row.
     gi: grid column.
     gt: index into the image's boxes (``Targets`` row) that the slot is
-      trained on; meaningful where ``positive``.
+      trained on; 0 where not ``positive``.
     candidate: the slot is live (passed the anchor-shape and offset tests).
     positive: the slot survived SimOTA.
     dynamic_k: ``[B, M]`` dynamic k of each box (0 for padding).
@@ -133,8 +133,8 @@ def find_candidates(
     coarse: ``g = 1.0`` (auxiliary head) instead of ``g = 0.5`` (lead head).
 
   Returns:
-    ``gj``, ``gi`` (``[B, K]`` int32 cells, clamped to the grid) and
-    ``live`` (``[B, K]`` bool).
+    ``gj``, ``gi`` (``[B, K]`` int32 cells, clamped to the grid; 0 for dead
+    slots) and ``live`` (``[B, K]`` bool).
   """
   g = 1.0 if coarse else 0.5
   offsets = jnp.asarray(_OFFSETS * g)  # [O, 2]
@@ -172,7 +172,8 @@ def find_candidates(
   def flat(parts: list[jax.Array]) -> jax.Array:
     return jnp.stack(parts, axis=1).reshape(batch, -1)  # [B, K]
 
-  return flat(gjs), flat(gis), flat(lives)
+  live = flat(lives)
+  return jnp.where(live, flat(gjs), 0), jnp.where(live, flat(gis), 0), live
 
 
 def gather_cells(
@@ -326,7 +327,7 @@ def assign(
     anchor=jnp.broadcast_to(jnp.asarray(anchor), (batch, anchor.shape[0])),
     gj=scores.gj,
     gi=scores.gi,
-    gt=jnp.where(takers > 1, cheapest_box, only_box),
+    gt=jnp.where(takers > 1, cheapest_box, jnp.where(takers > 0, only_box, 0)),
     candidate=scores.live,
     positive=takers > 0,
     dynamic_k=dynamic_k,

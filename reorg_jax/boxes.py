@@ -52,10 +52,11 @@ def iou_xyxy(boxes1: jax.Array, boxes2: jax.Array, *, all_pairs: bool = True) ->
   if all_pairs:
     boxes1 = boxes1[..., :, None, :]  # [..., N, 1, 4]
     boxes2 = boxes2[..., None, :, :]  # [..., 1, M, 4]
-  lower = jnp.maximum(boxes1[..., :2], boxes2[..., :2])
-  upper = jnp.minimum(boxes1[..., 2:], boxes2[..., 2:])
-  wh = jnp.clip(upper - lower, 0)
-  inter = wh[..., 0] * wh[..., 1]
+  x1, y1, x2, y2 = jnp.moveaxis(boxes1, -1, 0)
+  u1, v1, u2, v2 = jnp.moveaxis(boxes2, -1, 0)
+  inter_w = jnp.clip(jnp.minimum(x2, u2) - jnp.maximum(x1, u1), 0)
+  inter_h = jnp.clip(jnp.minimum(y2, v2) - jnp.maximum(y1, v1), 0)
+  inter = inter_w * inter_h
   return inter / (box_area_xyxy(boxes1) + box_area_xyxy(boxes2) - inter)
 
 

@@ -1,0 +1,237 @@
+"""Assignment, loss and gradients against upstream ``ComputeLossAuxOTA`` on seeded scenes.
+
+Scenes are COCO-like (log-uniform sizes from 2 px to the full image, boxes
+pushed against borders, empty images), with C = 1, 3 and 80, batches up to 8,
+0..60 boxes per image and square inputs of 320..768 pixels.
+
+Levels without any positive exercise upstream's ``'cuda:0'`` empty results;
+the oracle helper redirects that device to the CPU (see ``oracle.py``).
+
+Ties. Upstream resolves equal costs with ``torch.topk``, whose order among
+equal values is unspecified on CPU (it is not index order), and equal costs
+are common: two boxes that propose the same cell and anchor create two slots
+with the very same prediction, hence the very same cost for every box. Where
+such a tie straddles a box's dynamic-k boundary, which slot upstream takes is
+arbitrary, and that can change which box a shared cell ends up trained on.
+Near-ties (relative difference < 1e-5) are treated the same way, because the
+two implementations sum the class cost in a different order. The tests
+detect these images from the costs and exclude only them from the set
+comparison, and only when they actually differ; the loss comparison of a
+scene holding such an image is then skipped with the reason shown.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import oracle
+import pytest
+import torch
+
+import reorg_jax
+from reorg_jax import assigner, testing
+
+REL_TIE = 1e-5
+
+
+@dataclasses.dataclass(frozen=True)
+class Scene:
+  seed: int
+  batch: int
+  size: int
+  num_classes: int
+  max_count: int
+  max_boxes: int = 64
+  empty_images: int = 0
+
+  def __str__(self):
+    return (
+        f'seed{self.seed}-B{self.batch}-{self.size}px-C{self.num_classes}-upto{self.max_count}'
+        f'-empty{self.empty_images}'
+    )
+
+
+SCENES = [
+    *(Scene(seed, 8, 640, 80, 60, empty_images=seed % 3) for seed in range(4)),
+    *(Scene(seed, 4, 640, 1, 40) for seed in range(10, 13)),
+    *(Scene(seed, 2, 320, 80, 25) for seed in range(20, 23)),
+    *(Scene(seed, 3, 512, 3, 60) for seed in range(30, 33)),
+    Scene(40, 2, 768, 80, 3),
+    Scene(41, 2, 640, 80, 1),
+    Scene(42, 2, 640, 80, 0, empty_images=2),
+]
+
+
+def make_scene(scene: Scene):
+  rng = np.random.default_rng(scene.seed)
+  config = reorg_jax.LossConfig.p6(scene.num_classes)
+  counts = list(rng.integers(0, scene.max_count + 1, size=scene.batch))
+  for i in range(scene.empty_images):
+    counts[i] = 0
+  hw = (scene.size, scene.size)
+  labels = testing.random_labels(rng, boxes_per_image=counts, num_classes=scene.num_classes,
+                                 image_hw=hw)
+  targets = reorg_jax.Targets.from_yolo(labels, scene.batch, scene.max_boxes,
+                                        num_classes=scene.num_classes)
+  outputs = testing.random_head_outputs(rng, config, batch_size=scene.batch, image_hw=hw)
+  return config, hw, targets, outputs
+
+
+@functools.partial(jax.jit, static_argnames=('image_hw', 'config'))
+def _ours(outputs, targets, image_hw, config):
+  (loss, parts), grads = jax.value_and_grad(reorg_jax.aux_ota_loss, has_aux=True)(
+      outputs, targets, image_hw, config
+  )
+  lead = outputs[: config.num_levels]
+  result = {'loss': loss, 'parts': parts, 'grads': grads}
+  for name, coarse in (('fine', False), ('coarse', True)):
+    result[name] = reorg_jax.assign(lead, targets, image_hw, config, coarse=coarse)
+    result[name + '_costs'] = reorg_jax.candidate_costs(lead, targets, image_hw, config,
+                                                        coarse=coarse)
+  return result
+
+
+def matched_multiset(assignment, targets, image: int) -> collections.Counter:
+  """``(level, anchor, gj, gi, class, cx, cy, w, h)`` of every positive of ``image``."""
+  a = jax.tree.map(lambda x: np.asarray(x)[image], assignment)
+  boxes, classes = np.asarray(targets.boxes)[image], np.asarray(targets.classes)[image]
+  rows = collections.Counter()
+  for k in np.flatnonzero(a.positive):
+    m = a.gt[k]
+    rows[(int(a.level[k]), int(a.anchor[k]), int(a.gj[k]), int(a.gi[k]), int(classes[m]),
+          *boxes[m].tolist())] += 1
+  return rows
+
+
+def reference_multisets(indices, batch: int) -> list[collections.Counter]:
+  """The same tuples from upstream's ``build_targets`` output, per image."""
+  bs, as_, gjs, gis, rows = indices[:5]
+  out = [collections.Counter() for _ in range(batch)]
+  for level in range(len(bs)):
+    if rows[level].numel() == 0:
+      continue
+    for b, a, gj, gi, row in zip(bs[level].tolist(), as_[level].tolist(), gjs[level].tolist(),
+                                 gis[level].tolist(), rows[level].tolist(), strict=True):
+      key = (level, a, gj, gi, int(row[1]), *np.asarray(row[2:6], np.float32).tolist())
+      out[b][key] += 1
+  return out
+
+
+def tie_sensitive_images(costs, dynamic_k, valid) -> set[int]:
+  """Images whose SimOTA outcome depends on the order of (near-)equal values."""
+  cost = np.asarray(costs.cost, np.float64)
+  iou = np.asarray(costs.iou, np.float64)
+  live = np.asarray(costs.live)
+  dynamic_k, valid = np.asarray(dynamic_k), np.asarray(valid)
+  images = set()
+  for b in range(cost.shape[0]):
+    k_live = np.flatnonzero(live[b])
+    for m in np.flatnonzero(valid[b]):
+      row = np.sort(cost[b, m, k_live])
+      k = dynamic_k[b, m]
+      if k < row.size and row[k] - row[k - 1] <= REL_TIE * abs(row[k]):
+        images.add(b)
+      total = np.sort(iou[b, m])[::-1][:20].sum()
+      if total >= 1 and abs(total - round(total)) < 1e-4:
+        images.add(b)
+    if k_live.size and valid[b].sum() > 1:
+      column = np.sort(cost[b][np.ix_(valid[b], k_live)], axis=0)
+      if (column[1] - column[0] <= REL_TIE * np.abs(column[1])).any():
+        images.add(b)
+  return images
+
+
+@pytest.fixture(scope='module', params=SCENES, ids=str)
+def scene_result(request):
+  scene = request.param
+  config, hw, targets, outputs = make_scene(scene)
+  reference = oracle.reference_loss(config)
+  p = [torch.tensor(o, requires_grad=True) for o in outputs]
+  rows = torch.from_numpy(targets.to_yolo())
+  imgs = torch.zeros(scene.batch, 3, *hw)
+  ref = {
+      'fine': reference.build_targets(p[: config.num_levels], rows, imgs),
+      'coarse': reference.build_targets2(p[: config.num_levels], rows, imgs),
+  }
+  loss, items = reference(p, rows, imgs)
+  loss.backward()
+  ref['loss'] = loss.item()
+  ref['items'] = items.numpy()
+  ref['grads'] = [x.grad.numpy() for x in p]
+  ours = _ours([jnp.asarray(o) for o in outputs], targets, hw, config)
+  ties = set()
+  for name in ('fine', 'coarse'):
+    ties |= tie_sensitive_images(ours[name + '_costs'], ours[name].dynamic_k, targets.valid)
+  return scene, targets, ours, ref, ties
+
+
+@pytest.mark.parametrize('head', ['fine', 'coarse'])
+def test_matched_sets_equal(scene_result, head):
+  scene, targets, ours, ref, ties = scene_result
+  expected = reference_multisets(ref[head], scene.batch)
+  differing = []
+  for image in range(scene.batch):
+    got = matched_multiset(ours[head], targets, image)
+    if got != expected[image]:
+      differing.append(image)
+  unexplained = [b for b in differing if b not in ties]
+  assert not unexplained, f'{head} assignment differs from upstream in images {unexplained}'
+  if differing:
+    pytest.xfail(f'images {differing} differ only where costs tie; upstream order is arbitrary')
+
+
+def test_loss_parts_equal(scene_result):
+  scene, targets, ours, ref, ties = scene_result
+  parts = ours['parts']
+  got = np.asarray([parts['box'], parts['obj'], parts['cls'], parts['total']])
+  if ties and not np.allclose(got, ref['items'], rtol=1e-5, atol=0):
+    pytest.xfail(f'tie-dependent images {sorted(ties)} change the assignment')
+  np.testing.assert_allclose(got, ref['items'], rtol=1e-5, atol=0)
+  np.testing.assert_allclose(float(ours['loss']), ref['loss'], rtol=1e-5)
+
+
+def test_gradients_close(scene_result):
+  scene, targets, ours, ref, ties = scene_result
+  worst = max(float(np.abs(np.asarray(g) - r).max()) for g, r in zip(ours['grads'], ref['grads'],
+                                                                     strict=True))
+  scale = max(float(np.abs(r).max()) for r in ref['grads'])
+  if ties and worst > 1e-5 * scale + 1e-8:
+    pytest.xfail(f'tie-dependent images {sorted(ties)} change the assignment')
+  for g, r in zip(ours['grads'], ref['grads'], strict=True):
+    np.testing.assert_allclose(np.asarray(g), r, rtol=1e-4, atol=1e-5 * scale + 1e-8)
+
+
+def test_some_levels_have_no_positive():
+  """The sparse scenes really exercise upstream's empty-level path."""
+  config, hw, targets, outputs = make_scene(Scene(41, 2, 640, 80, 1))
+  lead = [jnp.asarray(o) for o in outputs[: config.num_levels]]
+  fine = reorg_jax.assign(lead, targets, hw, config, coarse=False)
+  per_level = np.bincount(np.asarray(fine.level)[np.asarray(fine.positive)],
+                          minlength=config.num_levels)
+  assert (per_level == 0).any(), per_level
+
+
+def test_candidates_equal_upstream_find_positive():
+  """Candidate slots (before SimOTA) as upstream's find_3_positive / find_5_positive."""
+  config, hw, targets, outputs = make_scene(Scene(3, 8, 640, 80, 60))
+  reference = oracle.reference_loss(config)
+  p = [torch.from_numpy(o) for o in outputs[: config.num_levels]]
+  rows = torch.from_numpy(targets.to_yolo())
+  grids = assigner.grid_shapes(outputs[: config.num_levels], config)
+  for coarse, find in ((False, reference.find_3_positive), (True, reference.find_5_positive)):
+    indices, _ = find(p, rows)
+    gj, gi, live = (np.asarray(x) for x in assigner.find_candidates(targets, grids, config,
+                                                                      coarse=coarse))
+    level, anchor = assigner.slot_layout(config, targets.max_boxes)
+    for lv, (b, a, j, i) in enumerate(indices):
+      expected = collections.Counter(zip(b.tolist(), a.tolist(), j.tolist(), i.tolist(),
+                                         strict=True))
+      bb, kk = np.nonzero(live & (level == lv))
+      got = collections.Counter(zip(bb.tolist(), anchor[kk].tolist(), gj[bb, kk].tolist(),
+                                    gi[bb, kk].tolist(), strict=True))
+      assert got == expected, (coarse, lv)
