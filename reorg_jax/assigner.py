@@ -37,6 +37,7 @@ NUM_OFFSETS = 5
 # centre: centre, left (x - g), up (y - g), right (x + g), down (y + g).
 _OFFSETS = np.array([[0, 0], [1, 0], [0, 1], [-1, 0], [0, -1]], np.float32)
 _TINY = float(np.finfo(np.float32).tiny)
+_BELOW_ONE = float(np.nextafter(np.float32(1), np.float32(0)))
 
 
 @flax.struct.dataclass
@@ -337,17 +338,22 @@ def assign(
 def _class_cost(preds: jax.Array, classes: jax.Array) -> jax.Array:
   """SimOTA class cost ``[B, M, K]`` from ``[B, K, 5 + C]`` predictions and ``[B, M]`` classes.
 
-  ``y = sqrt(sigmoid(cls) * sigmoid(obj))``; the cost is the BCE-with-logits
-  of ``z = log(y / (1 - y))`` against the one-hot class, summed over classes,
-  which equals ``sum_c softplus(z_c) - z_class``. ``y`` is kept inside
-  ``[tiny, 1 - tiny]`` so that saturated logits give a large finite cost where
-  upstream would produce inf or NaN.
+  With ``y = sqrt(sigmoid(cls) * sigmoid(obj))`` upstream takes the
+  BCE-with-logits of ``z = log(y / (1 - y))`` against the one-hot class,
+  summed over classes. Since ``softplus(z) = -log(1 - y)``, that sum is
+  ``-sum_c log(1 - y_c) - z_class``: one ``log1p`` per class and slot, and
+  the class-specific part is read off ``[B, M, K]`` gathered values, never a
+  ``[B, M, K, C]`` tensor. ``y`` is kept inside ``[tiny, 1 - 2**-24]`` so that
+  saturated logits give a large finite cost where upstream gets inf or NaN.
   """
   y = jnp.sqrt(jax.nn.sigmoid(preds[..., 5:]) * jax.nn.sigmoid(preds[..., 4:5]))  # [B, K, C]
-  z = jnp.log(jnp.maximum(y, _TINY) / jnp.maximum(1.0 - y, _TINY))
-  total = jnp.sum(jax.nn.softplus(z), axis=-1)  # [B, K]
-  z_true = jax.vmap(lambda zt, c: zt[c])(jnp.swapaxes(z, 1, 2), classes)  # [B, M, K]
-  return total[:, None, :] - z_true
+  y = jnp.clip(y, _TINY, _BELOW_ONE)
+  log_not_y = jnp.log1p(-y)
+  total = -jnp.sum(log_not_y, axis=-1)  # [B, K]
+  pick = jax.vmap(lambda values, c: values[c])  # [C, K] rows by [M] classes -> [M, K]
+  y_true = pick(jnp.swapaxes(y, 1, 2), classes)  # [B, M, K]
+  log_not_y_true = pick(jnp.swapaxes(log_not_y, 1, 2), classes)
+  return total[:, None, :] - (jnp.log(y_true) - log_not_y_true)
 
 
 def _select_cheapest(cost: jax.Array, count: jax.Array, *, max_k: int) -> jax.Array:

@@ -19,8 +19,9 @@ HW = (320, 320)
 def scene(seed, counts, *, num_classes=5, max_boxes=12, image_hw=HW):
   rng = np.random.default_rng(seed)
   config = reorg_jax.LossConfig.p6(num_classes)
-  labels = testing.random_labels(rng, boxes_per_image=counts, num_classes=num_classes,
-                                 image_hw=image_hw)
+  labels = testing.random_labels(
+    rng, boxes_per_image=counts, num_classes=num_classes, image_hw=image_hw
+  )
   targets = reorg_jax.Targets.from_yolo(labels, len(counts), max_boxes, num_classes=num_classes)
   outputs = testing.random_head_outputs(rng, config, batch_size=len(counts), image_hw=image_hw)
   return config, targets, [jnp.asarray(o) for o in outputs]
@@ -57,27 +58,30 @@ def brute_force_simota(cost, iou, live, valid, top=20):
 def test_equals_brute_force_on_same_costs(seed, coarse):
   config, targets, outputs = scene(seed, [12, 7, 0, 1])
   lead = outputs[:4]
-  costs = jax.tree.map(np.asarray, reorg_jax.candidate_costs(lead, targets, HW, config,
-                                                             coarse=coarse))
+  costs = jax.tree.map(
+    np.asarray, reorg_jax.candidate_costs(lead, targets, HW, config, coarse=coarse)
+  )
   got = reorg_jax.assign(lead, targets, HW, config, coarse=coarse)
-  positive, gt, own, won = brute_force_simota(costs.cost, costs.iou, costs.live,
-                                              np.asarray(targets.valid))
+  positive, gt, own, won = brute_force_simota(
+    costs.cost, costs.iou, costs.live, np.asarray(targets.valid)
+  )
   np.testing.assert_array_equal(got.positive, positive)
   np.testing.assert_array_equal(np.where(positive, got.gt, -1), np.where(positive, gt, -1))
   # Each box keeps at most dynamic_k of the slots it selected itself; beyond that it can
   # only hold slots it won in a conflict (upstream hands a contested slot to the cheapest
   # box of the image, which need not be among the boxes that selected it).
   assert (own <= np.asarray(got.dynamic_k)).all()
-  counts = np.stack([np.bincount(np.asarray(got.gt)[b][positive[b]], minlength=12)
-                     for b in range(4)])
+  counts = np.stack(
+    [np.bincount(np.asarray(got.gt)[b][positive[b]], minlength=12) for b in range(4)]
+  )
   np.testing.assert_array_equal(counts, own + won)
 
 
 def test_padding_is_never_matched_and_never_read():
   config, targets, outputs = scene(3, [5, 12, 0, 3])
   garbage = targets.replace(
-      boxes=jnp.where(targets.valid[..., None], targets.boxes, 0.37),
-      classes=jnp.where(targets.valid, targets.classes, 4),
+    boxes=jnp.where(targets.valid[..., None], targets.boxes, 0.37),
+    classes=jnp.where(targets.valid, targets.classes, 4),
   )
   for coarse in (False, True):
     a = reorg_jax.assign(outputs[:4], targets, HW, config, coarse=coarse)
@@ -111,7 +115,7 @@ def test_jit_equals_eager(coarse):
   config, targets, outputs = scene(4, [9, 2, 12])
   eager = reorg_jax.assign(outputs[:4], targets, HW, config, coarse=coarse)
   jitted = jax.jit(reorg_jax.assign, static_argnames=('image_hw', 'config', 'coarse'))(
-      outputs[:4], targets, HW, config, coarse=coarse
+    outputs[:4], targets, HW, config, coarse=coarse
   )
   chex.assert_trees_all_equal(eager, jitted)
   loss_eager = reorg_jax.aux_ota_loss(outputs, targets, HW, config)
@@ -125,7 +129,7 @@ def test_vmap_over_an_outer_axis():
   stacked_t = jax.tree.map(lambda a, b: jnp.stack([a, b]), t1, t2)
   stacked_o = [jnp.stack([a, b]) for a, b in zip(o1[:4], o2[:4], strict=True)]
   mapped = jax.vmap(lambda o, t: reorg_jax.assign(o, t, HW, config, coarse=True))(
-      stacked_o, stacked_t
+    stacked_o, stacked_t
   )
   for i, (t, o) in enumerate(((t1, o1), (t2, o2))):
     single = reorg_jax.assign(o[:4], t, HW, config, coarse=True)
@@ -167,7 +171,7 @@ def test_no_boxes_by_slots_by_classes_tensor():
   config, targets, outputs = scene(8, [3, 30], num_classes=num_classes, max_boxes=max_boxes)
   slots = config.num_levels * 5 * config.num_anchors * max_boxes
   jaxpr = jax.make_jaxpr(lambda o, t: reorg_jax.assign(o, t, HW, config, coarse=True))(
-      outputs[:4], targets
+    outputs[:4], targets
   )
   limit = max(batch * max_boxes * slots, *(o.size for o in outputs))
   assert limit < batch * max_boxes * slots * num_classes
@@ -194,17 +198,35 @@ def test_non_square_images_scale_x_by_width():
   hw = (256, 384)
   config, targets, outputs = scene(9, [12, 8], image_hw=hw)
   mirrored = dataclasses.replace(
-      config, anchors=tuple(tuple((h, w) for w, h in row) for row in config.anchors)
+    config, anchors=tuple(tuple((h, w) for w, h in row) for row in config.anchors)
   )
   t_targets, t_outputs = transpose_scene(targets, outputs)
   for coarse in (False, True):
     a = reorg_jax.assign(outputs[:4], targets, hw, config, coarse=coarse)
     b = reorg_jax.assign(t_outputs[:4], t_targets, hw[::-1], mirrored, coarse=coarse)
     assert a.positive.any()
-    key_a = {(int(bb), int(a.level[bb, k]), int(a.anchor[bb, k]), int(a.gj[bb, k]),
-              int(a.gi[bb, k]), int(a.gt[bb, k])) for bb, k in zip(*np.nonzero(a.positive))}
-    key_b = {(int(bb), int(b.level[bb, k]), int(b.anchor[bb, k]), int(b.gi[bb, k]),
-              int(b.gj[bb, k]), int(b.gt[bb, k])) for bb, k in zip(*np.nonzero(b.positive))}
+    key_a = {
+      (
+        int(bb),
+        int(a.level[bb, k]),
+        int(a.anchor[bb, k]),
+        int(a.gj[bb, k]),
+        int(a.gi[bb, k]),
+        int(a.gt[bb, k]),
+      )
+      for bb, k in zip(*np.nonzero(a.positive), strict=True)
+    }
+    key_b = {
+      (
+        int(bb),
+        int(b.level[bb, k]),
+        int(b.anchor[bb, k]),
+        int(b.gi[bb, k]),
+        int(b.gj[bb, k]),
+        int(b.gt[bb, k]),
+      )
+      for bb, k in zip(*np.nonzero(b.positive), strict=True)
+    }
     assert key_a == key_b
   loss_a, _ = reorg_jax.aux_ota_loss(outputs, targets, hw, config)
   loss_b, _ = reorg_jax.aux_ota_loss(t_outputs, t_targets, hw[::-1], mirrored)

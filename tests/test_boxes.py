@@ -44,10 +44,14 @@ def test_ciou_value_and_gradient_equal_upstream():
   expected = bbox_iou(pred_t.T, torch.from_numpy(target), x1y1x2y2=False, CIoU=True)
   expected.sum().backward()
   value, grad = jax.value_and_grad(lambda p: boxes.ciou_cxcywh(p, jnp.asarray(target)).sum())(
-      jnp.asarray(pred)
+    jnp.asarray(pred)
   )
-  np.testing.assert_allclose(boxes.ciou_cxcywh(jnp.asarray(pred), jnp.asarray(target)),
-                             expected.detach().numpy(), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+    boxes.ciou_cxcywh(jnp.asarray(pred), jnp.asarray(target)),
+    expected.detach().numpy(),
+    rtol=1e-5,
+    atol=1e-6,
+  )
   np.testing.assert_allclose(value, expected.sum().item(), rtol=1e-5)
   np.testing.assert_allclose(grad, pred_t.grad.numpy(), rtol=1e-4, atol=1e-6)
 

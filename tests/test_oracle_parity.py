@@ -51,19 +51,19 @@ class Scene:
 
   def __str__(self):
     return (
-        f'seed{self.seed}-B{self.batch}-{self.size}px-C{self.num_classes}-upto{self.max_count}'
-        f'-empty{self.empty_images}'
+      f'seed{self.seed}-B{self.batch}-{self.size}px-C{self.num_classes}-upto{self.max_count}'
+      f'-empty{self.empty_images}'
     )
 
 
 SCENES = [
-    *(Scene(seed, 8, 640, 80, 60, empty_images=seed % 3) for seed in range(4)),
-    *(Scene(seed, 4, 640, 1, 40) for seed in range(10, 13)),
-    *(Scene(seed, 2, 320, 80, 25) for seed in range(20, 23)),
-    *(Scene(seed, 3, 512, 3, 60) for seed in range(30, 33)),
-    Scene(40, 2, 768, 80, 3),
-    Scene(41, 2, 640, 80, 1),
-    Scene(42, 2, 640, 80, 0, empty_images=2),
+  *(Scene(seed, 8, 640, 80, 60, empty_images=seed % 3) for seed in range(4)),
+  *(Scene(seed, 4, 640, 1, 40) for seed in range(10, 13)),
+  *(Scene(seed, 2, 320, 80, 25) for seed in range(20, 23)),
+  *(Scene(seed, 3, 512, 3, 60) for seed in range(30, 33)),
+  Scene(40, 2, 768, 80, 3),
+  Scene(41, 2, 640, 80, 1),
+  Scene(42, 2, 640, 80, 0, empty_images=2),
 ]
 
 
@@ -74,10 +74,12 @@ def make_scene(scene: Scene):
   for i in range(scene.empty_images):
     counts[i] = 0
   hw = (scene.size, scene.size)
-  labels = testing.random_labels(rng, boxes_per_image=counts, num_classes=scene.num_classes,
-                                 image_hw=hw)
-  targets = reorg_jax.Targets.from_yolo(labels, scene.batch, scene.max_boxes,
-                                        num_classes=scene.num_classes)
+  labels = testing.random_labels(
+    rng, boxes_per_image=counts, num_classes=scene.num_classes, image_hw=hw
+  )
+  targets = reorg_jax.Targets.from_yolo(
+    labels, scene.batch, scene.max_boxes, num_classes=scene.num_classes
+  )
   outputs = testing.random_head_outputs(rng, config, batch_size=scene.batch, image_hw=hw)
   return config, hw, targets, outputs
 
@@ -85,14 +87,15 @@ def make_scene(scene: Scene):
 @functools.partial(jax.jit, static_argnames=('image_hw', 'config'))
 def _ours(outputs, targets, image_hw, config):
   (loss, parts), grads = jax.value_and_grad(reorg_jax.aux_ota_loss, has_aux=True)(
-      outputs, targets, image_hw, config
+    outputs, targets, image_hw, config
   )
   lead = outputs[: config.num_levels]
   result = {'loss': loss, 'parts': parts, 'grads': grads}
   for name, coarse in (('fine', False), ('coarse', True)):
     result[name] = reorg_jax.assign(lead, targets, image_hw, config, coarse=coarse)
-    result[name + '_costs'] = reorg_jax.candidate_costs(lead, targets, image_hw, config,
-                                                        coarse=coarse)
+    result[name + '_costs'] = reorg_jax.candidate_costs(
+      lead, targets, image_hw, config, coarse=coarse
+    )
   return result
 
 
@@ -103,8 +106,16 @@ def matched_multiset(assignment, targets, image: int) -> collections.Counter:
   rows = collections.Counter()
   for k in np.flatnonzero(a.positive):
     m = a.gt[k]
-    rows[(int(a.level[k]), int(a.anchor[k]), int(a.gj[k]), int(a.gi[k]), int(classes[m]),
-          *boxes[m].tolist())] += 1
+    rows[
+      (
+        int(a.level[k]),
+        int(a.anchor[k]),
+        int(a.gj[k]),
+        int(a.gi[k]),
+        int(classes[m]),
+        *boxes[m].tolist(),
+      )
+    ] += 1
   return rows
 
 
@@ -115,8 +126,14 @@ def reference_multisets(indices, batch: int) -> list[collections.Counter]:
   for level in range(len(bs)):
     if rows[level].numel() == 0:
       continue
-    for b, a, gj, gi, row in zip(bs[level].tolist(), as_[level].tolist(), gjs[level].tolist(),
-                                 gis[level].tolist(), rows[level].tolist(), strict=True):
+    for b, a, gj, gi, row in zip(
+      bs[level].tolist(),
+      as_[level].tolist(),
+      gjs[level].tolist(),
+      gis[level].tolist(),
+      rows[level].tolist(),
+      strict=True,
+    ):
       key = (level, a, gj, gi, int(row[1]), *np.asarray(row[2:6], np.float32).tolist())
       out[b][key] += 1
   return out
@@ -155,8 +172,8 @@ def scene_result(request):
   rows = torch.from_numpy(targets.to_yolo())
   imgs = torch.zeros(scene.batch, 3, *hw)
   ref = {
-      'fine': reference.build_targets(p[: config.num_levels], rows, imgs),
-      'coarse': reference.build_targets2(p[: config.num_levels], rows, imgs),
+    'fine': reference.build_targets(p[: config.num_levels], rows, imgs),
+    'coarse': reference.build_targets2(p[: config.num_levels], rows, imgs),
   }
   loss, items = reference(p, rows, imgs)
   loss.backward()
@@ -197,8 +214,9 @@ def test_loss_parts_equal(scene_result):
 
 def test_gradients_close(scene_result):
   scene, targets, ours, ref, ties = scene_result
-  worst = max(float(np.abs(np.asarray(g) - r).max()) for g, r in zip(ours['grads'], ref['grads'],
-                                                                     strict=True))
+  worst = max(
+    float(np.abs(np.asarray(g) - r).max()) for g, r in zip(ours['grads'], ref['grads'], strict=True)
+  )
   scale = max(float(np.abs(r).max()) for r in ref['grads'])
   if ties and worst > 1e-5 * scale + 1e-8:
     pytest.xfail(f'tie-dependent images {sorted(ties)} change the assignment')
@@ -211,8 +229,9 @@ def test_some_levels_have_no_positive():
   config, hw, targets, outputs = make_scene(Scene(41, 2, 640, 80, 1))
   lead = [jnp.asarray(o) for o in outputs[: config.num_levels]]
   fine = reorg_jax.assign(lead, targets, hw, config, coarse=False)
-  per_level = np.bincount(np.asarray(fine.level)[np.asarray(fine.positive)],
-                          minlength=config.num_levels)
+  per_level = np.bincount(
+    np.asarray(fine.level)[np.asarray(fine.positive)], minlength=config.num_levels
+  )
   assert (per_level == 0).any(), per_level
 
 
@@ -225,13 +244,16 @@ def test_candidates_equal_upstream_find_positive():
   grids = assigner.grid_shapes(outputs[: config.num_levels], config)
   for coarse, find in ((False, reference.find_3_positive), (True, reference.find_5_positive)):
     indices, _ = find(p, rows)
-    gj, gi, live = (np.asarray(x) for x in assigner.find_candidates(targets, grids, config,
-                                                                      coarse=coarse))
+    gj, gi, live = (
+      np.asarray(x) for x in assigner.find_candidates(targets, grids, config, coarse=coarse)
+    )
     level, anchor = assigner.slot_layout(config, targets.max_boxes)
     for lv, (b, a, j, i) in enumerate(indices):
-      expected = collections.Counter(zip(b.tolist(), a.tolist(), j.tolist(), i.tolist(),
-                                         strict=True))
+      expected = collections.Counter(
+        zip(b.tolist(), a.tolist(), j.tolist(), i.tolist(), strict=True)
+      )
       bb, kk = np.nonzero(live & (level == lv))
-      got = collections.Counter(zip(bb.tolist(), anchor[kk].tolist(), gj[bb, kk].tolist(),
-                                    gi[bb, kk].tolist(), strict=True))
+      got = collections.Counter(
+        zip(bb.tolist(), anchor[kk].tolist(), gj[bb, kk].tolist(), gi[bb, kk].tolist(), strict=True)
+      )
       assert got == expected, (coarse, lv)

@@ -6,13 +6,13 @@ import pytest
 import reorg_jax
 
 ROWS = np.asarray(
-    [
-        [1, 3, 0.5, 0.5, 0.2, 0.1],
-        [0, 0, 0.1, 0.2, 0.05, 0.05],
-        [1, 2, 0.9, 0.9, 0.1, 0.3],
-        [0, 1, 0.0, 1.0, 0.0, 0.4],
-    ],
-    np.float32,
+  [
+    [1, 3, 0.5, 0.5, 0.2, 0.1],
+    [0, 0, 0.1, 0.2, 0.05, 0.05],
+    [1, 2, 0.9, 0.9, 0.1, 0.3],
+    [0, 1, 0.0, 1.0, 0.0, 0.4],
+  ],
+  np.float32,
 )
 
 
@@ -35,21 +35,21 @@ def test_empty_labels():
 
 
 @pytest.mark.parametrize(
-    ('row', 'message'),
-    [
-        ([5, 0, 0.5, 0.5, 0.1, 0.1], r'image index outside \[0, 3\)'),
-        ([-1, 0, 0.5, 0.5, 0.1, 0.1], 'image index outside'),
-        ([0.5, 0, 0.5, 0.5, 0.1, 0.1], 'non-integer image index'),
-        ([0, 5, 0.5, 0.5, 0.1, 0.1], r'class outside \[0, 5\)'),
-        ([0, -1, 0.5, 0.5, 0.1, 0.1], 'class outside'),
-        ([0, 1.5, 0.5, 0.5, 0.1, 0.1], 'non-integer class'),
-        ([0, 0, np.nan, 0.5, 0.1, 0.1], 'NaN or inf'),
-        ([0, 0, 0.5, np.inf, 0.1, 0.1], 'NaN or inf'),
-        ([0, 0, 0.5, 0.5, -0.1, 0.1], 'negative width or height'),
-        ([0, 0, 1.7, 0.5, 0.1, 0.1], 'centre outside'),
-        ([0, 0, 0.5, -0.3, 0.1, 0.1], 'centre outside'),
-        ([0, 0, 0.5, 0.5, 0.1, 2.5], 'width or height above'),
-    ],
+  ('row', 'message'),
+  [
+    ([5, 0, 0.5, 0.5, 0.1, 0.1], r'image index outside \[0, 3\)'),
+    ([-1, 0, 0.5, 0.5, 0.1, 0.1], 'image index outside'),
+    ([0.5, 0, 0.5, 0.5, 0.1, 0.1], 'non-integer image index'),
+    ([0, 5, 0.5, 0.5, 0.1, 0.1], r'class outside \[0, 5\)'),
+    ([0, -1, 0.5, 0.5, 0.1, 0.1], 'class outside'),
+    ([0, 1.5, 0.5, 0.5, 0.1, 0.1], 'non-integer class'),
+    ([0, 0, np.nan, 0.5, 0.1, 0.1], 'NaN or inf'),
+    ([0, 0, 0.5, np.inf, 0.1, 0.1], 'NaN or inf'),
+    ([0, 0, 0.5, 0.5, -0.1, 0.1], 'negative width or height'),
+    ([0, 0, 1.7, 0.5, 0.1, 0.1], 'centre outside'),
+    ([0, 0, 0.5, -0.3, 0.1, 0.1], 'centre outside'),
+    ([0, 0, 0.5, 0.5, 0.1, 2.5], 'width or height above'),
+  ],
 )
 def test_rejects_bad_rows_naming_them(row, message):
   labels = np.concatenate([ROWS, np.asarray([row], np.float32)])
