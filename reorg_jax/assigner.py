@@ -319,8 +319,13 @@ def assign(
   pair = targets.valid[:, :, None] & scores.live[:, None, :]  # [B, M, K]
   selected = _select_cheapest(scores.cost, dynamic_k, max_k=max_k) & pair
   takers = jnp.sum(selected, axis=1)  # [B, K]
-  cheapest_box = jnp.argmin(scores.cost, axis=1).astype(jnp.int32)
-  only_box = jnp.argmax(selected, axis=1).astype(jnp.int32)
+  box_index = jnp.arange(targets.max_boxes, dtype=jnp.int32)[None, :, None]
+  lowest_cost = jnp.min(scores.cost, axis=1, keepdims=True)
+  # First box at the minimum / first selecting box, as plain min-reductions.
+  cheapest_box = jnp.min(
+    jnp.where(scores.cost == lowest_cost, box_index, targets.max_boxes), axis=1
+  )
+  only_box = jnp.min(jnp.where(selected, box_index, targets.max_boxes), axis=1)
   level, anchor = slot_layout(config, targets.max_boxes)
   batch = targets.batch_size
   return Assignment(

@@ -90,6 +90,45 @@ def objectness_targets(
   return target.reshape(shape)
 
 
+@jax.custom_vjp
+def read_head(out: jax.Array, flat_index: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """The two reads the loss makes of a head output, with a one-pass gradient.
+
+  Args:
+    out: ``[B, A, H_l, W_l, F]`` head output.
+    flat_index: ``[B, S]`` int32 rows ``(a * H_l + gj) * W_l + gi``.
+
+  Returns:
+    objectness logits ``out[..., 4]`` (``[B, A, H_l, W_l]``) and the rows at
+    ``flat_index`` (``[B, S, F]``).
+
+  The gradient of ``out`` is dense in channel 4 and touches the other channels
+  only at ``S`` rows; it is built by writing channel 4 once and adding the
+  rows in place, instead of summing two full-size cotangents.
+  """
+  return _read_head_forward(out, flat_index)[0]
+
+
+def _read_head_forward(out, flat_index):
+  batch, anchors, grid_h, grid_w, features = out.shape
+  table = out.reshape(batch, anchors * grid_h * grid_w, features)
+  rows = jnp.take_along_axis(table, flat_index[..., None], axis=1)
+  return (out[..., 4], rows), flat_index
+
+
+def _read_head_backward(flat_index, cotangents):
+  obj_grad, rows_grad = cotangents
+  batch, anchors, grid_h, grid_w = obj_grad.shape
+  features = rows_grad.shape[-1]
+  full = jnp.zeros((*obj_grad.shape, features), rows_grad.dtype).at[..., 4].set(obj_grad)
+  full = full.reshape(batch, anchors * grid_h * grid_w, features)
+  full = full.at[jnp.arange(batch)[:, None], flat_index].add(rows_grad)
+  return full.reshape(batch, anchors, grid_h, grid_w, features), None
+
+
+read_head.defvjp(_read_head_forward, _read_head_backward)
+
+
 def _head_level_loss(
   out: jax.Array,
   level: int,
@@ -114,7 +153,8 @@ def _head_level_loss(
   gj, gi = assignment.gj[:, part], assignment.gi[:, part]
   positive = assignment.positive[:, part]  # [B, S]
   gt = assignment.gt[:, part]
-  preds = assigner.gather_cells([out], anchor[part], gj, gi)  # [B, S, 5 + C]
+  flat_index = (jnp.asarray(anchor[part]) * grid_h + gj) * grid_w + gi  # [B, S]
+  obj_logits, preds = read_head(out, flat_index)  # [B, A, H_l, W_l], [B, S, 5 + C]
 
   anchor_wh = assigner.anchors_in_cells(config)[level][anchor[part]]  # [S, 2]
   pred_xy = jax.nn.sigmoid(preds[..., :2]) * 2.0 - 0.5
@@ -130,7 +170,7 @@ def _head_level_loss(
   obj_target = objectness_targets(
     (batch, config.num_anchors, grid_h, grid_w), anchor[part], gj, gi, positive, obj_value
   )
-  obj = jnp.mean(bce_with_logits(out[..., 4], obj_target, pos_weight=config.obj_pw))
+  obj = jnp.mean(bce_with_logits(obj_logits, obj_target, pos_weight=config.obj_pw))
 
   if config.num_classes > 1:
     smooth = config.label_smoothing
