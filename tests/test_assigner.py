@@ -189,6 +189,22 @@ def transpose_scene(targets, outputs):
   return targets, outputs
 
 
+def positives(a, *, transposed=False):
+  """Set of ``(image, level, anchor, row, column, box)`` of the positives of ``a``."""
+  rows, cols = (a.gi, a.gj) if transposed else (a.gj, a.gi)
+  return {
+    (
+      int(b),
+      int(a.level[b, k]),
+      int(a.anchor[b, k]),
+      int(rows[b, k]),
+      int(cols[b, k]),
+      int(a.gt[b, k]),
+    )
+    for b, k in zip(*np.nonzero(a.positive), strict=True)
+  }
+
+
 def test_non_square_images_scale_x_by_width():
   """Mirroring a non-square scene mirrors the assignment.
 
@@ -205,29 +221,7 @@ def test_non_square_images_scale_x_by_width():
     a = reorg_jax.assign(outputs[:4], targets, hw, config, coarse=coarse)
     b = reorg_jax.assign(t_outputs[:4], t_targets, hw[::-1], mirrored, coarse=coarse)
     assert a.positive.any()
-    key_a = {
-      (
-        int(bb),
-        int(a.level[bb, k]),
-        int(a.anchor[bb, k]),
-        int(a.gj[bb, k]),
-        int(a.gi[bb, k]),
-        int(a.gt[bb, k]),
-      )
-      for bb, k in zip(*np.nonzero(a.positive), strict=True)
-    }
-    key_b = {
-      (
-        int(bb),
-        int(b.level[bb, k]),
-        int(b.anchor[bb, k]),
-        int(b.gi[bb, k]),
-        int(b.gj[bb, k]),
-        int(b.gt[bb, k]),
-      )
-      for bb, k in zip(*np.nonzero(b.positive), strict=True)
-    }
-    assert key_a == key_b
+    assert positives(a) == positives(b, transposed=True)
   loss_a, _ = reorg_jax.aux_ota_loss(outputs, targets, hw, config)
   loss_b, _ = reorg_jax.aux_ota_loss(t_outputs, t_targets, hw[::-1], mirrored)
   np.testing.assert_allclose(loss_a, loss_b, rtol=1e-5)
