@@ -1,0 +1,258 @@
+"""One pure training step for a YOLOv7 P6 model with lead and auxiliary heads.
+
+Glossary: ``B`` batch, ``S`` image side, ``M`` max boxes per image, ``L``
+levels.
+
+:func:`train_step` runs the model in training mode, takes the
+:func:`~reorg_jax.loss.aux_ota_loss` (lead head plus 0.25 times the
+auxiliary head, targets chosen by the lead head), its gradient, the new
+BatchNorm statistics, one micro-batch of upstream's optimiser recipe
+(:mod:`reorg_jax.optim`) and, when the optimiser stepped, the EMA update
+(:mod:`reorg_jax.ema`). A step whose loss or gradient is not finite changes
+nothing and says so in its metrics; :func:`check_finite` turns that into an
+error naming the step, before anything is saved.
+
+Data parallelism: :func:`data_parallel` places a batch on a
+``jax.sharding.Mesh`` along its ``'data'`` axis and the state replicated;
+the same jitted step then runs on one device or many, the loss being the
+same global function of the batch.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from reorg_jax import ema as ema_lib
+from reorg_jax import optim
+from reorg_jax.config import LossConfig
+from reorg_jax.loss import aux_ota_loss
+from reorg_jax.targets import Targets
+from reorg_jax.yolo import YOLO
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a run carries from step to step.
+
+  Attributes:
+    step: ``[]`` int32, the next global micro-batch index ``ni``.
+    params: model parameters (float32).
+    batch_stats: BatchNorm running statistics.
+    opt_state: :class:`reorg_jax.optim.RecipeState`.
+    ema: ``{'params', 'batch_stats'}``, the exponential moving average used
+      for evaluation.
+  """
+
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  opt_state: optim.RecipeState
+  ema: Any
+
+  def variables(self, *, use_ema: bool) -> dict[str, Any]:
+    """``{'params', 'batch_stats'}`` of the EMA or of the raw model."""
+    if use_ema:
+      return dict(self.ema)
+    return {'params': self.params, 'batch_stats': self.batch_stats}
+
+
+@flax.struct.dataclass
+class TrainSetup:
+  """The static parts of training, hashable for ``jax.jit``.
+
+  Attributes:
+    model: the network.
+    optimizer: the recipe optimiser (built from the parameter labels).
+    loss_config: loss hyper-parameters, gains already scaled for the run.
+    image_hw: network input ``(S, S)``.
+    recipe: EMA constants.
+    compute_dtype: dtype of the forward pass (``jnp.bfloat16`` runs the
+      network in bfloat16 with float32 parameters; the loss is float32).
+  """
+
+  model: YOLO = flax.struct.field(pytree_node=False)
+  optimizer: optim.RecipeOptimizer = flax.struct.field(pytree_node=False)
+  loss_config: LossConfig = flax.struct.field(pytree_node=False)
+  image_hw: tuple[int, int] = flax.struct.field(pytree_node=False)
+  recipe: optim.RecipeConfig = flax.struct.field(pytree_node=False)
+  compute_dtype: Any = flax.struct.field(pytree_node=False)
+
+
+def create_train_state(
+  setup_model: YOLO,
+  *,
+  rng: jax.Array,
+  image_size: int,
+  schedule: optim.Schedule,
+  loss_config: LossConfig,
+  compute_dtype: Any = jnp.float32,
+  variables: Mapping[str, Any] | None = None,
+) -> tuple[TrainSetup, TrainState]:
+  """Initialises (or takes) the variables and builds optimiser, EMA and setup.
+
+  Args:
+    setup_model: the network.
+    rng: PRNG key for initialisation (unused when ``variables`` is given).
+    image_size: ``S``.
+    schedule: epochs, batch size and steps per epoch of the run.
+    loss_config: loss hyper-parameters with the run's gains (see
+      :func:`reorg_jax.optim.scaled_loss_gains`).
+    compute_dtype: forward-pass dtype.
+    variables: start from these ``{'params', 'batch_stats'}`` (e.g. imported
+      upstream weights) instead of a fresh initialisation.
+  """
+  if variables is None:
+    dummy = jnp.zeros((1, image_size, image_size, setup_model.in_channels), jnp.float32)
+    variables = jax.jit(functools.partial(setup_model.init, train=False))(rng, dummy)
+  params, batch_stats = variables['params'], variables.get('batch_stats', {})
+  optimizer = optim.recipe_optimizer(optim.param_labels(params), schedule=schedule)
+  state = TrainState(
+    step=jnp.asarray(0, jnp.int32),
+    params=params,
+    batch_stats=batch_stats,
+    opt_state=optimizer.init(params),
+    ema=ema_lib.ema_init({'params': params, 'batch_stats': batch_stats}),
+  )
+  setup = TrainSetup(
+    model=setup_model,
+    optimizer=optimizer,
+    loss_config=loss_config,
+    image_hw=(image_size, image_size),
+    recipe=schedule.recipe,
+    compute_dtype=compute_dtype,
+  )
+  return setup, state
+
+
+def _all_finite(tree: Any) -> jax.Array:
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
+  return jnp.all(jnp.stack(leaves))
+
+
+def train_step(
+  setup: TrainSetup, state: TrainState, batch: Mapping[str, Any]
+) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One micro-batch of training.
+
+  Args:
+    setup: static parts (see :class:`TrainSetup`).
+    state: the current state.
+    batch: ``images`` ``[B, S, S, 3]`` (uint8 or float in ``[0, 1]``),
+      ``targets`` (:class:`~reorg_jax.targets.Targets` ``[B, M]``) and
+      ``hparams`` (:func:`reorg_jax.optim.hyperparams` of ``state.step``,
+      computed on the host in float64 as upstream does).
+
+  Returns:
+    The new state and scalar metrics: ``loss`` (upstream's batch-sum loss),
+    ``box``/``obj``/``cls``/``total`` parts, ``stepped`` (the optimiser
+    updated the weights) and ``finite`` (loss and gradient were finite; if
+    not, the returned state is the old one with only ``step`` advanced).
+  """
+  images = batch['images']
+  if jnp.issubdtype(images.dtype, jnp.integer):
+    images = images.astype(jnp.float32) / 255.0
+  targets: Targets = batch['targets']
+  hparams: optim.HyperParams = batch['hparams']
+
+  def loss_fn(params):
+    cast = jax.tree.map(lambda p: p.astype(setup.compute_dtype), params)
+    outputs, updates = setup.model.apply(
+      {'params': cast, 'batch_stats': state.batch_stats},
+      images.astype(setup.compute_dtype),
+      train=True,
+      mutable=['batch_stats'],
+    )
+    outputs = [o.astype(jnp.float32) for o in outputs]
+    loss, parts = aux_ota_loss(outputs, targets, setup.image_hw, setup.loss_config)
+    return loss, (parts, updates['batch_stats'])
+
+  (loss, (parts, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  batch_stats = jax.tree.map(lambda new, old: new.astype(old.dtype), batch_stats, state.batch_stats)
+  finite = jnp.isfinite(loss) & _all_finite(grads)
+  params, opt_state, stepped = setup.optimizer.update(
+    grads, state.opt_state, state.params, hparams=hparams
+  )
+  model_vars = {'params': params, 'batch_stats': batch_stats}
+  ema = jax.lax.cond(
+    stepped,
+    lambda e: ema_lib.ema_update(e, model_vars, updates=opt_state.num_updates, recipe=setup.recipe),
+    lambda e: e,
+    state.ema,
+  )
+  updated = TrainState(
+    step=state.step + 1,
+    params=params,
+    batch_stats=batch_stats,
+    opt_state=opt_state,
+    ema=ema,
+  )
+  kept = state.replace(step=state.step + 1)
+  new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated, kept)
+  metrics = {'loss': loss, **parts, 'stepped': stepped & finite, 'finite': finite}
+  return new_state, metrics
+
+
+def jit_train_step(setup: TrainSetup, *, state_sharding: Any = None):
+  """``train_step`` bound to ``setup``, jitted once with the state donated.
+
+  ``state_sharding`` (optional, from :func:`data_parallel`) pins the layout of
+  the returned state; batches carry their own placement (:func:`shard_batch`).
+  """
+  step = functools.partial(train_step, setup)
+  out_shardings = None if state_sharding is None else (state_sharding, None)
+  return jax.jit(step, donate_argnums=(0,), out_shardings=out_shardings)
+
+
+class NonFiniteError(FloatingPointError):
+  """The loss or gradient of a step was not finite."""
+
+
+def check_finite(metrics: Mapping[str, Any], *, step: int) -> None:
+  """Raises :class:`NonFiniteError` naming ``step`` if its metrics say so."""
+  if not bool(metrics['finite']):
+    raise NonFiniteError(
+      f'non-finite loss or gradient at step {step} (loss={float(metrics["loss"])}); '
+      'the weights of that step were not applied and nothing was saved from it'
+    )
+
+
+def data_parallel(
+  state: TrainState, *, devices: list[Any] | None = None
+) -> tuple[Mesh, Any, NamedSharding]:
+  """A one-axis ``'data'`` mesh, the state replicated on it, and the batch sharding.
+
+  Returns:
+    ``(mesh, state_sharding, batch_sharding)``: place the state with
+    ``jax.device_put(state, state_sharding)``, pass ``state_sharding`` to
+    :func:`jit_train_step`, and place batches with :func:`shard_batch`.
+  """
+  mesh = Mesh(np.asarray(devices if devices is not None else jax.devices()), ('data',))
+  replicated = NamedSharding(mesh, PartitionSpec())
+  state_sharding = jax.tree.map(lambda _: replicated, state)
+  return mesh, state_sharding, NamedSharding(mesh, PartitionSpec('data'))
+
+
+def shard_batch(batch: Mapping[str, Any], batch_sharding: NamedSharding) -> dict[str, Any]:
+  """Places ``images`` and ``targets`` split along the batch axis, ``hparams`` replicated.
+
+  Raises:
+    ValueError: the batch size is not a multiple of the number of devices.
+  """
+  devices = batch_sharding.mesh.size
+  size = batch['images'].shape[0]
+  if size % devices:
+    raise ValueError(f'batch size {size} is not a multiple of the {devices} devices')
+  replicated = NamedSharding(batch_sharding.mesh, PartitionSpec())
+  return {
+    'images': jax.device_put(batch['images'], batch_sharding),
+    'targets': jax.device_put(batch['targets'], batch_sharding),
+    'hparams': jax.device_put(batch['hparams'], replicated),
+  }
