@@ -56,8 +56,6 @@ UPSTREAM_GROUPS: Mapping[str, int] = MappingProxyType(
   {'kernel': DECAY, 'bias': BIAS, 'scale': NO_DECAY, 'implicit': NO_DECAY}
 )
 
-STEP_RULES: tuple[str, ...] = ('modulo', 'since_last')
-
 
 @dataclasses.dataclass(frozen=True)
 class RecipeConfig:
@@ -76,10 +74,11 @@ class RecipeConfig:
     nominal_batch_size: ``nbs``; gradients are accumulated up to about this
       many images per optimizer step.
     min_warmup_steps: warm-up lasts at least this many iterations.
-    step_rule: when the optimizer steps. ``'modulo'``: at iteration ``ni``
-      when ``ni % accumulate == 0`` (``train_aux.py``); ``'since_last'``: when
-      ``ni - last_step >= accumulate`` (the rule of later YOLOv5 trainers).
-      They differ only while ``accumulate`` changes during warm-up.
+    step_since_last: when the optimizer steps. ``False`` (upstream's
+      ``train_aux.py``): at iteration ``ni`` when ``ni % accumulate == 0``;
+      ``True``: when ``ni - last_step >= accumulate`` (the rule of later
+      YOLOv5 trainers). They differ only while ``accumulate`` changes during
+      warm-up.
     ema_decay: the EMA decay approaches this value...
     ema_ramp: ...with this time constant in optimizer steps.
   """
@@ -93,13 +92,11 @@ class RecipeConfig:
   warmup_bias_lr: float = 0.1
   nominal_batch_size: int = 64
   min_warmup_steps: int = 1000
-  step_rule: str = 'modulo'
+  step_since_last: bool = False
   ema_decay: float = 0.9999
   ema_ramp: float = 2000.0
 
   def __post_init__(self):
-    if self.step_rule not in STEP_RULES:
-      raise ValueError(f'step_rule must be one of {STEP_RULES}, got {self.step_rule!r}')
     if self.nominal_batch_size < 1:
       raise ValueError(f'nominal_batch_size must be >= 1, got {self.nominal_batch_size}')
     if self.min_warmup_steps < 1:
@@ -407,7 +404,7 @@ def recipe_optimizer(labels: Any, *, schedule: Schedule) -> RecipeOptimizer:
      partial accumulation;
   2. ``grads`` are added to the sum (torch's ``.grad`` summation);
   3. if the step rule fires (``ni % accumulate == 0``, or ``ni - last_step >=
-     accumulate`` with ``step_rule='since_last'``) the summed gradient goes
+     accumulate`` with ``step_since_last``) the summed gradient goes
      through Nesterov SGD with ``hparams.lrs``/``hparams.momentum`` and the
      sum is cleared.
 
@@ -421,7 +418,7 @@ def recipe_optimizer(labels: Any, *, schedule: Schedule) -> RecipeOptimizer:
   """
   sgd = nesterov_sgd(labels, weight_decays=schedule.weight_decays)
   steps_per_epoch = schedule.steps_per_epoch
-  since_last = schedule.recipe.step_rule == 'since_last'
+  since_last = schedule.recipe.step_since_last
 
   def init(params: Any) -> RecipeState:
     return RecipeState(

@@ -95,8 +95,6 @@ def test_schedule_derived_quantities():
   assert optim.Schedule(epochs=1, batch_size=128, steps_per_epoch=10).accumulate == 1
   assert schedule.lr_factor(0) == 1.0
   assert schedule.lr_factor(300) == pytest.approx(0.2)
-  with pytest.raises(ValueError, match='step_rule'):
-    optim.RecipeConfig(step_rule='sometimes')
 
 
 def _upstream_hyperparams(ni: int, *, epochs: int, nb: int, batch_size: int, min_warmup: int):
@@ -162,9 +160,9 @@ def optax_apply(params, updates):
   return jax.tree.map(lambda p, u: p + u, params, updates)
 
 
-@pytest.mark.parametrize('step_rule', ['modulo', 'since_last'])
-def test_accumulation_sums_and_steps_by_rule(step_rule):
-  recipe = optim.RecipeConfig(min_warmup_steps=12, warmup_epochs=0.0, step_rule=step_rule)
+@pytest.mark.parametrize('since_last', [False, True])
+def test_accumulation_sums_and_steps_by_rule(since_last):
+  recipe = optim.RecipeConfig(min_warmup_steps=12, warmup_epochs=0.0, step_since_last=since_last)
   schedule = optim.Schedule(epochs=3, batch_size=16, steps_per_epoch=9, recipe=recipe)
   labels = {'w': optim.DECAY}
   opt = optim.recipe_optimizer(labels, schedule=schedule)
@@ -178,7 +176,7 @@ def test_accumulation_sums_and_steps_by_rule(step_rule):
     if ni % schedule.steps_per_epoch == 0:
       pending = 0.0  # the trainer zeroes gradients before each epoch
     pending += ni + 1.0
-    expect_step = (ni % accumulate == 0) if step_rule == 'modulo' else (ni - last >= accumulate)
+    expect_step = (ni - last >= accumulate) if since_last else (ni % accumulate == 0)
     grads = {'w': jnp.full(3, ni + 1.0)}
     params, state, stepped = update(grads, state, params, hparams=hp)
     assert bool(stepped) == expect_step, ni
@@ -190,10 +188,10 @@ def test_accumulation_sums_and_steps_by_rule(step_rule):
   assert int(state.num_updates) == len(stepped_at)
   # Warm-up lasts 12 steps and accumulate ramps 1 -> 4: the two rules differ there.
   expected = {
-    'modulo': [0, 1, 2, 4, 6, 9, 12, 16, 20, 24],
-    'since_last': [0, 1, 3, 5, 8, 12, 16, 20, 24],
+    False: [0, 1, 2, 4, 6, 9, 12, 16, 20, 24],
+    True: [0, 1, 3, 5, 8, 12, 16, 20, 24],
   }
-  assert stepped_at == expected[step_rule]
+  assert stepped_at == expected[since_last]
 
 
 def _torch_net(seed: int) -> torch.nn.Module:
@@ -271,10 +269,10 @@ def _max_relative_error(got: dict, want: dict) -> float:
   return max(jax.tree.leaves(errors))
 
 
-@pytest.mark.parametrize('step_rule', ['modulo', 'since_last'])
-def test_matches_torch_sgd_and_model_ema(step_rule):
+@pytest.mark.parametrize('since_last', [False, True])
+def test_matches_torch_sgd_and_model_ema(since_last):
   epochs, nb, batch_size, min_warmup = 5, 7, 16, 10
-  recipe = optim.RecipeConfig(min_warmup_steps=min_warmup, step_rule=step_rule)
+  recipe = optim.RecipeConfig(min_warmup_steps=min_warmup, step_since_last=since_last)
   schedule = optim.Schedule(epochs=epochs, batch_size=batch_size, steps_per_epoch=nb, recipe=recipe)
   net = _torch_net(seed=0)
   variables = _to_flax(net)
@@ -339,7 +337,7 @@ def test_matches_torch_sgd_and_model_ema(step_rule):
       with torch.no_grad():  # stand-in for the BatchNorm statistics a forward pass updates
         net.bn.running_mean.normal_(0.0, 0.3)
         net.bn.running_var.uniform_(0.5, 1.5)
-      if step_rule == 'modulo':
+      if not since_last:
         torch_steps = ni % accumulate == 0
       else:
         torch_steps = ni - last_opt_step >= accumulate
