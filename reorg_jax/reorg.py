@@ -15,10 +15,11 @@ slot  rows         columns
 
 so output channel ``s * C + c`` holds input channel ``c`` of slot ``s``. The
 first convolution after the stem is trained against exactly this order. A
-reshape/transpose space-to-depth (``[B, H/2, 2, W/2, 2, C] -> [B, H/2, W/2,
-2*2*C]``) gives ``(row parity, column parity, c)`` order, which swaps slots 1
-and 2 *and* interleaves differently when ``C > 1``: imported weights would
-silently see shuffled inputs.
+reshape/transpose space-to-depth in NHWC (``[B, H/2, 2, W/2, 2, C] ->
+[B, H/2, W/2, 2*2*C]``) orders slots by (row parity, column parity), which
+swaps slots 1 and 2; the NCHW view/permute of ``pixel_unshuffle`` orders
+channels as ``c * 4 + 2 * row parity + column parity``, interleaving them too. Either way imported
+weights would silently see shuffled inputs.
 """
 
 from __future__ import annotations
