@@ -7,7 +7,7 @@ height and width in pixels.
 :class:`DetectionEvaluator` collects batches on the host and scores them with
 ``pycocotools`` (``COCOeval``, box IoU), building the COCO structures in
 memory. Detections are the padded output of non-maximum suppression (as
-:func:`reorg_jax.predict.predict` returns them: ``boxes [B, N, 4]`` corners in
+:func:`reorg_jax.inference.predict` returns them: ``boxes [B, N, 4]`` corners in
 input pixels, ``scores [B, N]``, ``classes [B, N]``, ``valid [B, N]``); ground
 truth is a :class:`reorg_jax.Targets` (normalised centre/size) turned into
 pixels of the same ``H x W`` input frame.

@@ -1,0 +1,211 @@
+"""The IAuxDetect head: lead and auxiliary predictions per level, decoding, fusing.
+
+Glossary: ``B`` batch, ``L`` levels, ``A`` anchors per level, ``C`` classes,
+``K = 5 + C`` values per anchor (``x, y, w, h, objectness, C class logits``),
+``H_l``/``W_l`` grid size of level ``l``, ``D_l`` input channels of level
+``l``, ``N = A * sum_l H_l * W_l`` decoded boxes per image.
+
+The head receives ``2L`` feature maps: ``L`` for the lead head then ``L`` for
+the auxiliary head, level ``l`` of both at the same resolution. Per level, the
+lead head is ``ImplicitA -> 1x1 conv -> ImplicitM`` (variables ``ia_l``,
+``m_l``, ``im_l``), the auxiliary head a plain ``1x1`` conv (``m2_l``). Both
+map to ``A * K`` channels, read as ``A`` groups of ``K`` (anchor-major, like
+the original), and are returned as ``[B, A, H_l, W_l, K]`` raw logits.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from reorg_jax.layers import ImplicitA, ImplicitM, torch_default_init
+
+__all__ = ['IAuxDetect', 'decode', 'fuse_implicit', 'head_bias_prior']
+
+Anchors = tuple[tuple[tuple[float, float], ...], ...]
+
+
+def head_bias_prior(*, stride: float, num_anchors: int, num_classes: int) -> jax.Array:
+  """Initial bias offsets of a detection conv: ``[A * K]``.
+
+  Objectness starts at ``log(8 / (640 / stride)^2)`` (about eight objects in a
+  640x640 image) and every class logit at ``log(0.6 / (C - 0.99))``; box terms
+  at zero.
+  """
+  objectness = math.log(8 / (640 / stride) ** 2)
+  classes = math.log(0.6 / (num_classes - 0.99))
+  per_anchor = jnp.concatenate(
+    [jnp.zeros(4), jnp.full(1, objectness), jnp.full(num_classes, classes)]
+  )  # [K]
+  return jnp.tile(per_anchor, num_anchors)  # [A * K]
+
+
+def _prior_bias_init(*, fan_in: int, prior: jax.Array) -> nn.initializers.Initializer:
+  bound = 1 / math.sqrt(fan_in)
+
+  def init(key: jax.Array, shape: tuple[int, ...], dtype=jnp.float32) -> jax.Array:
+    return jax.random.uniform(key, shape, dtype, -bound, bound) + prior.astype(dtype)
+
+  return init
+
+
+def _split_anchors(x: jax.Array, num_anchors: int) -> jax.Array:
+  """``[B, H, W, A * K] -> [B, A, H, W, K]``."""
+  batch, height, width, channels = x.shape
+  x = x.reshape(batch, height, width, num_anchors, channels // num_anchors)  # [B, H, W, A, K]
+  return x.transpose(0, 3, 1, 2, 4)  # [B, A, H, W, K]
+
+
+def decode(
+  outputs: Sequence[jax.Array], *, anchors: Anchors, strides: Sequence[float]
+) -> jax.Array:
+  """Turns raw lead outputs into pixel boxes and probabilities.
+
+  Args:
+    outputs: ``L`` raw head outputs, each ``[B, A, H_l, W_l, K]``.
+    anchors: per level, ``A`` anchor ``(width, height)`` pairs in pixels.
+    strides: per level, pixels per grid cell.
+
+  Returns:
+    ``[B, N, K]``: box centre ``x, y`` and size ``w, h`` in input pixels, then
+    objectness and class probabilities (sigmoids), levels in order and, within
+    a level, ordered by anchor, row, column.
+  """
+  if not len(outputs) == len(anchors) == len(strides):
+    raise ValueError(
+      f'decode needs one anchor set and stride per output, got {len(outputs)} outputs, '
+      f'{len(anchors)} anchor sets and {len(strides)} strides'
+    )
+  decoded = []
+  for out, level_anchors, stride in zip(outputs, anchors, strides, strict=True):
+    batch, num_anchors, height, width, values = out.shape
+    if len(level_anchors) != num_anchors:
+      raise ValueError(f'output has {num_anchors} anchors, anchor set has {len(level_anchors)}')
+    y = jax.nn.sigmoid(out)
+    cols, rows = jnp.meshgrid(jnp.arange(width), jnp.arange(height))  # [H, W] each
+    grid = jnp.stack([cols, rows], axis=-1).astype(y.dtype)  # [H, W, 2]
+    anchor_wh = jnp.asarray(level_anchors, y.dtype)[:, None, None, :]  # [A, 1, 1, 2]
+    xy = (y[..., 0:2] * 2.0 - 0.5 + grid) * stride
+    wh = (y[..., 2:4] * 2) ** 2 * anchor_wh
+    y = jnp.concatenate([xy, wh, y[..., 4:]], axis=-1)  # [B, A, H, W, K]
+    decoded.append(y.reshape(batch, num_anchors * height * width, values))  # [B, A*H*W, K]
+  return jnp.concatenate(decoded, axis=1)  # [B, N, K]
+
+
+class IAuxDetect(nn.Module):
+  """Lead and auxiliary detection head over ``L`` levels.
+
+  Call with ``2L`` feature maps (lead levels, then auxiliary levels), each
+  ``[B, H_l, W_l, D]``.
+
+  * ``train=True``: a tuple of ``2L`` raw outputs, ``L`` lead then ``L``
+    auxiliary, each ``[B, A, H_l, W_l, K]``.
+  * ``train=False``: the auxiliary convs are not run (they are still created by
+    ``init``); returns the decoded lead outputs ``[B, N, K]`` (see
+    :func:`decode`).
+
+  Attributes:
+    num_classes: ``C``.
+    anchors: per level, ``A`` anchor ``(width, height)`` pairs in pixels.
+    strides: per level, pixels per grid cell.
+    fused: the implicit layers have been folded into the lead convs by
+      :func:`fuse_implicit`, so ``ia_l`` and ``im_l`` do not exist.
+  """
+
+  num_classes: int
+  anchors: Anchors
+  strides: tuple[int, ...]
+  fused: bool = False
+
+  @property
+  def num_levels(self) -> int:
+    return len(self.anchors)
+
+  @property
+  def num_anchors(self) -> int:
+    return len(self.anchors[0])
+
+  def _conv(self, x: jax.Array, *, level: int, name: str) -> jax.Array:
+    prior = head_bias_prior(
+      stride=self.strides[level], num_anchors=self.num_anchors, num_classes=self.num_classes
+    )
+    conv = nn.Conv(
+      self.num_anchors * (5 + self.num_classes),
+      (1, 1),
+      kernel_init=torch_default_init,
+      bias_init=_prior_bias_init(fan_in=x.shape[-1], prior=prior),
+      name=name,
+    )
+    return conv(x)  # [B, H, W, A * K]
+
+  @nn.compact
+  def __call__(
+    self, features: Sequence[jax.Array], *, train: bool
+  ) -> tuple[jax.Array, ...] | jax.Array:
+    levels = self.num_levels
+    if len(self.strides) != levels:
+      raise ValueError(f'{levels} anchor sets but {len(self.strides)} strides')
+    if len(features) != 2 * levels:
+      raise ValueError(
+        f'IAuxDetect with {levels} levels takes {2 * levels} feature maps '
+        f'({levels} lead, {levels} auxiliary), got {len(features)}'
+      )
+    lead = []
+    for level in range(levels):
+      x = features[level]
+      if not self.fused:
+        x = ImplicitA(name=f'ia_{level}')(x)
+      x = self._conv(x, level=level, name=f'm_{level}')  # [B, H, W, A * K]
+      if not self.fused:
+        x = ImplicitM(name=f'im_{level}')(x)
+      lead.append(_split_anchors(x, self.num_anchors))  # [B, A, H, W, K]
+    if not (train or self.is_initializing()):
+      return decode(lead, anchors=self.anchors, strides=self.strides)  # [B, N, K]
+    aux = []
+    for level in range(levels):
+      lead_shape, aux_shape = features[level].shape[:3], features[levels + level].shape[:3]
+      if lead_shape != aux_shape:
+        raise ValueError(
+          f'level {level}: lead features are {lead_shape} (B, H, W) but auxiliary features '
+          f'are {aux_shape}'
+        )
+      x = self._conv(features[levels + level], level=level, name=f'm2_{level}')
+      aux.append(_split_anchors(x, self.num_anchors))  # [B, A, H, W, K]
+    if not train:
+      return decode(lead, anchors=self.anchors, strides=self.strides)  # [B, N, K]
+    return (*lead, *aux)
+
+
+def fuse_implicit(head_params: dict, *, num_levels: int) -> dict:
+  """Folds each level's ``ImplicitA``/``ImplicitM`` into its lead ``1x1`` conv.
+
+  ``im * (W (x + ia) + b) = (im * W) x + im * (W ia + b)``, so a head with
+  ``fused=True`` and the returned parameters computes the same outputs.
+
+  Args:
+    head_params: ``IAuxDetect`` parameters with ``ia_l``, ``m_l``, ``im_l``,
+      ``m2_l`` for every level ``l`` (conv ``kernel`` ``[1, 1, D_l, A*K]``).
+    num_levels: ``L``.
+
+  Returns:
+    Parameters without ``ia_l``/``im_l``; ``m2_l`` unchanged.
+  """
+  expected = {
+    f'{prefix}_{level}' for prefix in ('ia', 'm', 'im', 'm2') for level in range(num_levels)
+  }
+  if set(head_params) != expected:
+    raise ValueError(f'fuse_implicit expects exactly {sorted(expected)}, got {sorted(head_params)}')
+  fused = {}
+  for level in range(num_levels):
+    conv = head_params[f'm_{level}']
+    offset = head_params[f'ia_{level}']['implicit']  # [D]
+    scale = head_params[f'im_{level}']['implicit']  # [A * K]
+    kernel = conv['kernel']  # [1, 1, D, A * K]
+    bias = conv['bias'] + offset @ kernel[0, 0]  # [A * K]
+    fused[f'm_{level}'] = {'kernel': kernel * scale, 'bias': bias * scale}
+    fused[f'm2_{level}'] = head_params[f'm2_{level}']
+  return fused

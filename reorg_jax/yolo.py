@@ -1,0 +1,144 @@
+"""YOLOv7 P6 models built from the original YAML layer lists.
+
+Glossary: ``B`` batch, ``H``/``W`` image height/width, ``L`` levels, ``A``
+anchors per level, ``C`` classes, ``K = 5 + C``, ``N`` decoded boxes.
+
+:func:`build_model` turns an original-format model file (see
+:mod:`reorg_jax.model_yaml`), or its parsed mapping, into a :class:`YOLO`
+Linen module whose ``model_i`` submodule is layer ``i``, so variable paths
+mirror the original ``model.i`` names. :data:`p6_nano` builds this project's
+small model.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from collections.abc import Mapping, Sequence
+from importlib import resources
+from typing import Any
+
+import flax.linen as nn
+import jax
+
+from reorg_jax.detect import IAuxDetect, fuse_implicit
+from reorg_jax.model_yaml import LayerSpec, Traversable, load_config, parse_config
+
+__all__ = ['NANO_CONFIG', 'YOLO', 'build_model', 'fuse', 'p6_nano']
+
+NANO_CONFIG = resources.files('reorg_jax') / 'configs' / 'yolov7-p6-nano.yaml'
+
+
+class YOLO(nn.Module):
+  """A layer graph ending in :class:`~reorg_jax.detect.IAuxDetect`.
+
+  ``__call__(images, *, train)`` takes ``[B, H, W, in_channels]`` images
+  (``H`` and ``W`` multiples of :attr:`max_stride`) and returns, with
+  ``train=True``, the ``2L`` raw head outputs ``[B, A, H_l, W_l, K]`` (lead
+  levels, then auxiliary levels); with ``train=False``, the decoded boxes
+  ``[B, N, K]``. Training updates ``batch_stats`` (``mutable=['batch_stats']``).
+
+  Attributes:
+    specs: the parsed layer list, head last (see :func:`parse_config`).
+    in_channels: image channels.
+    fused: the head's implicit layers are folded into its convs (see
+      :func:`reorg_jax.detect.fuse_implicit`).
+  """
+
+  specs: tuple[LayerSpec, ...]
+  in_channels: int
+  fused: bool = False
+
+  def setup(self):
+    modules = []
+    for spec in self.specs:
+      kwargs = dict(spec.kwargs)
+      if spec.module is IAuxDetect:
+        kwargs['fused'] = self.fused
+      modules.append(spec.module(**kwargs))
+    self.model = modules
+
+  @property
+  def head(self) -> LayerSpec:
+    return self.specs[-1]
+
+  @property
+  def num_classes(self) -> int:
+    return dict(self.head.kwargs)['num_classes']
+
+  @property
+  def anchors(self) -> tuple[tuple[tuple[float, float], ...], ...]:
+    """Per level, ``A`` anchor ``(width, height)`` pairs in pixels."""
+    return dict(self.head.kwargs)['anchors']
+
+  @property
+  def strides(self) -> tuple[int, ...]:
+    """Per level, input pixels per grid cell."""
+    return dict(self.head.kwargs)['strides']
+
+  @property
+  def max_stride(self) -> int:
+    """Image height and width must be multiples of this."""
+    return math.lcm(*(spec.stride.numerator for spec in self.specs))
+
+  def __call__(self, images: jax.Array, *, train: bool) -> tuple[jax.Array, ...] | jax.Array:
+    if images.ndim != 4 or images.shape[-1] != self.in_channels:
+      raise ValueError(
+        f'expected images [B, H, W, {self.in_channels}] (NHWC), got shape {images.shape}'
+      )
+    _, height, width, _ = images.shape
+    if height % self.max_stride or width % self.max_stride:
+      raise ValueError(
+        f'image height and width must be multiples of {self.max_stride}, got {height}x{width}'
+      )
+    outputs: list[Any] = []
+    for spec, module in zip(self.specs, self.model, strict=True):
+      inputs = [images if source == -1 else outputs[source] for source in spec.sources]
+      x = inputs if spec.gathers else inputs[0]
+      outputs.append(module(x, train=train) if spec.takes_train else module(x))
+    return outputs[-1]
+
+
+def build_model(
+  config: Mapping[str, Any] | str | os.PathLike | Traversable,
+  *,
+  num_classes: int | None = None,
+  anchors: Sequence[Sequence[float]] | None = None,
+  in_channels: int | None = None,
+) -> YOLO:
+  """Builds a :class:`YOLO` from a model YAML file or its parsed mapping.
+
+  Args:
+    config: path of an upstream-format model file, or its content.
+    num_classes: overrides the file's ``nc``.
+    anchors: overrides the file's anchors (per level ``[w0, h0, w1, h1, ...]``
+      in pixels), e.g. with :func:`reorg_jax.convert.anchors_from_state_dict`
+      for a checkpoint whose anchors were re-fitted during training.
+    in_channels: overrides the file's ``ch`` (3 if absent).
+  """
+  if not isinstance(config, Mapping):
+    config = load_config(config)
+  specs, channels = parse_config(
+    config, num_classes=num_classes, anchors=anchors, in_channels=in_channels
+  )
+  return YOLO(specs=specs, in_channels=channels)
+
+
+def fuse(model: YOLO, variables: Mapping[str, Any]) -> tuple[YOLO, dict[str, Any]]:
+  """Folds the head's implicit layers into its lead convs, for deployment.
+
+  Returns:
+    The model with ``fused=True`` and its variables; in evaluation mode it
+    gives the outputs of ``model`` with ``variables`` up to float rounding.
+  """
+  if model.fused:
+    raise ValueError('the model is already fused')
+  head = f'model_{model.head.index}'
+  params = dict(variables['params'])
+  params[head] = fuse_implicit(params[head], num_levels=len(model.anchors))
+  return model.clone(fused=True), {**variables, 'params': params}
+
+
+# The small model of this project: ReOrg stem, ELAN stages, 4 levels, IAuxDetect.
+p6_nano = functools.partial(build_model, NANO_CONFIG)
