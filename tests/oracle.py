@@ -39,7 +39,7 @@ def install_torchvision_stand_in() -> None:
 install_torchvision_stand_in()
 
 
-def _reference_loss_module():
+def reference_loss_module():
   """The reference loss module, with its hard-coded ``'cuda:0'`` redirected to the CPU.
 
   Upstream builds the per-level results of a level that gets no positive with
@@ -71,7 +71,7 @@ def reference_loss(config):
   """Upstream ``ComputeLossAuxOTA`` configured like ``config`` (a ``LossConfig``)."""
   import torch
 
-  reference = _reference_loss_module()
+  reference = reference_loss_module()
 
   class Head(torch.nn.Module):
     def __init__(self):
