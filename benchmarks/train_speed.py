@@ -1,0 +1,185 @@
+"""Training-step throughput and the share of step time spent in assignment and loss.
+
+For each model, three jitted functions run on one synthetic batch of the
+synthetic dataset (real images and boxes, letterboxed):
+
+* ``full``: :func:`reorg_jax.train.train_step` (forward, lead-guided
+  assignment and loss, backward, optimiser, EMA), as ``python -m train`` runs it;
+* ``no loss``: the same step with the assignment and loss replaced by a
+  trivial function of the head outputs (mean of squares), so forward,
+  backward, optimiser and EMA remain;
+* the share of assignment + loss is ``1 - no_loss / full``.
+
+Times are medians of repeated calls after the first (compiling) one; the
+state is donated between calls as in training. Prints a table; not a test.
+
+    python benchmarks/train_speed.py                       # small model at 256 and W6 at 640
+    python benchmarks/train_speed.py --models nano --repeats 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import importlib.util
+import pathlib
+import platform
+import statistics
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+
+import reorg_jax
+from reorg_jax import dataset, loader, optim, synthetic, yolo
+from reorg_jax import ema as ema_lib
+from reorg_jax import train as train_lib
+
+
+def _w6_path() -> pathlib.Path | None:
+  """The upstream YOLOv7-W6 training config, if its package is installed."""
+  spec = importlib.util.find_spec('sas_yolov7')
+  if spec is None or spec.origin is None:
+    return None
+  path = pathlib.Path(spec.origin).parent / 'cfg' / 'training' / 'yolov7-w6.yaml'
+  return path if path.is_file() else None
+
+
+def trivial_loss_step(setup: train_lib.TrainSetup, state: train_lib.TrainState, batch: dict):
+  """:func:`reorg_jax.train.train_step` with the loss replaced by ``mean(outputs ** 2)``."""
+  images = batch['images'].astype(jnp.float32) / 255.0
+
+  def loss_fn(params):
+    outputs, updates = setup.model.apply(
+      {'params': params, 'batch_stats': state.batch_stats},
+      images,
+      train=True,
+      mutable=['batch_stats'],
+    )
+    loss = sum(jnp.mean(jnp.square(o.astype(jnp.float32))) for o in outputs)
+    return loss, updates['batch_stats']
+
+  (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  params, opt_state, stepped = setup.optimizer.update(
+    grads, state.opt_state, state.params, hparams=batch['hparams']
+  )
+  model_vars = {'params': params, 'batch_stats': batch_stats}
+  ema = jax.lax.cond(
+    stepped,
+    lambda e: ema_lib.ema_update(e, model_vars, updates=opt_state.num_updates, recipe=setup.recipe),
+    lambda e: e,
+    state.ema,
+  )
+  new = train_lib.TrainState(
+    step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state, ema=ema
+  )
+  return new, {'loss': loss}
+
+
+def _time_steps(step, state, batch, *, repeats: int) -> tuple[float, float, train_lib.TrainState]:
+  """(first call, median later call) seconds; returns the final state too."""
+  start = time.perf_counter()
+  state, metrics = step(state, batch)
+  jax.block_until_ready(metrics)
+  first = time.perf_counter() - start
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    state, metrics = step(state, batch)
+    jax.block_until_ready(metrics)
+    times.append(time.perf_counter() - start)
+  return first, statistics.median(times), state
+
+
+def benchmark(
+  model: yolo.YOLO, *, data: dataset.YoloDataset, image_size: int, batch_size: int, repeats: int
+) -> dict[str, float]:
+  """Times the full and the trivial-loss step of ``model``; see the module notes."""
+  feed = loader.BatchLoader(
+    data,
+    batch_size=batch_size,
+    image_size=image_size,
+    max_boxes=loader.max_boxes_bound(data, None),
+    seed=0,
+    config=None,
+    shuffle=False,
+    drop_last=True,
+  )
+  sample = feed.batch(0, 0)
+  schedule = optim.Schedule(epochs=1, batch_size=batch_size, steps_per_epoch=1000)
+  loss_config = optim.scaled_loss_gains(
+    reorg_jax.LossConfig(
+      num_classes=data.num_classes,
+      anchors=model.anchors,
+      strides=model.strides,
+      balance=reorg_jax.config.upstream_balance(len(model.strides)),
+    ),
+    image_size=image_size,
+  )
+  results = {}
+  for name, fn in (('full', train_lib.train_step), ('no_loss', trivial_loss_step)):
+    setup, state = train_lib.create_train_state(
+      model,
+      rng=jax.random.key(0),
+      image_size=image_size,
+      schedule=schedule,
+      loss_config=loss_config,
+    )
+    batch = {
+      'images': jnp.asarray(sample.images),
+      'targets': jax.tree.map(jnp.asarray, sample.targets),
+      'hparams': optim.hyperparams(100, schedule=schedule),
+    }
+    step = jax.jit(functools.partial(fn, setup), donate_argnums=(0,))
+    first, median, _ = _time_steps(step, state, batch, repeats=repeats)
+    results[f'{name}_compile_s'] = first
+    results[f'{name}_s'] = median
+  results['images_per_s'] = batch_size / results['full_s']
+  results['loss_share'] = 1.0 - results['no_loss_s'] / results['full_s']
+  return results
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--models', nargs='+', default=['nano', 'w6'], choices=['nano', 'w6'])
+  parser.add_argument('--nano-size', type=int, default=256)
+  parser.add_argument('--nano-batch', type=int, default=8)
+  parser.add_argument('--w6-size', type=int, default=640)
+  parser.add_argument('--w6-batch', type=int, default=2)
+  parser.add_argument('--repeats', type=int, default=5)
+  args = parser.parse_args()
+  print(f'{platform.processor() or platform.machine()}, jax {jax.__version__}, {jax.devices()}')
+  with tempfile.TemporaryDirectory() as root:
+    size = max(args.nano_size, args.w6_size)
+    data_yaml = synthetic.write_dataset(root, num_train=16, num_val=1, image_size=size, seed=0)
+    data = dataset.load_dataset(data_yaml, split='train')
+    runs = []
+    if 'nano' in args.models:
+      runs.append(('p6_nano', yolo.p6_nano, args.nano_size, args.nano_batch))
+    if 'w6' in args.models:
+      w6 = _w6_path()
+      if w6 is None:
+        print('yolov7-w6: skipped (the sas_yolov7 package with its cfg/ files is not installed)')
+      else:
+        runs.append(
+          ('yolov7-w6', functools.partial(yolo.build_model, w6), args.w6_size, args.w6_batch)
+        )
+    print(
+      f'{"model":<10} {"size":>5} {"batch":>5} {"compile s":>9} {"step s":>8} {"img/s":>7} '
+      f'{"no-loss s":>9} {"assign+loss share":>18}'
+    )
+    for name, build, image_size, batch_size in runs:
+      model = build(num_classes=data.num_classes)
+      r = benchmark(
+        model, data=data, image_size=image_size, batch_size=batch_size, repeats=args.repeats
+      )
+      print(
+        f'{name:<10} {image_size:>5} {batch_size:>5} {r["full_compile_s"]:>9.1f} '
+        f'{r["full_s"]:>8.3f} {r["images_per_s"]:>7.2f} {r["no_loss_s"]:>9.3f} '
+        f'{r["loss_share"]:>17.1%}'
+      )
+
+
+if __name__ == '__main__':
+  main()

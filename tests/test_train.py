@@ -1,0 +1,229 @@
+"""The training program end to end, on a tiny synthetic dataset at 128 px.
+
+One straight run of 12 steps (3 epochs of 4) is shared: it checks that the
+step compiles once, that the loss falls, and serves as the reference for
+resuming (in-process, and after SIGKILL in a subprocess) and for 8 simulated
+devices. Compilations go to a persistent cache shared by every run here.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import chex
+import jax
+import numpy as np
+import pytest
+import yaml
+
+from reorg_jax import checkpoint, synthetic
+from reorg_jax import train as train_lib
+from train import config as config_lib
+from train import loop, main, report
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = 12  # 3 epochs of 4 batches of 8.
+
+
+@pytest.fixture(scope='module')
+def setup(tmp_path_factory):
+  """``(base, config_file, cache)``: shared dataset, override file and compilation cache."""
+  base = tmp_path_factory.mktemp('train')
+  data = synthetic.write_dataset(base / 'data', num_train=32, num_val=16, image_size=128, seed=3)
+  options = {
+    'data': {'yaml': str(data)},
+    'train': {'epochs': 3, 'batch_size': 8, 'image_size': 128, 'loader_threads': 1},
+    'eval': {'batch_size': 16},
+    'augment': {'enabled': False},
+    'recipe': {'lr0': 0.01, 'warmup_epochs': 0.0, 'min_warmup_steps': 4},
+    'checkpoint': {'save_every': 2, 'keep_last': 3},
+    'log': {'progress': False, 'plots': True, 'tensorboard': True},
+  }
+  config_file = base / 'tiny.yaml'
+  config_file.write_text(yaml.safe_dump(options))
+  cache = base / 'jax-cache'
+  previous = jax.config.jax_compilation_cache_dir
+  jax.config.update('jax_compilation_cache_dir', str(cache))
+  yield base, config_file, cache
+  jax.config.update('jax_compilation_cache_dir', previous)
+
+
+def _config(config_file: Path, **overrides) -> dict:
+  return config_lib.load(config_path=config_file, overrides=overrides)
+
+
+def _env(cache: Path, **extra: str) -> dict[str, str]:
+  env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PLATFORMS='cpu', **extra)
+  env['PYTHONPATH'] = os.pathsep.join([str(ROOT), env.get('PYTHONPATH', '')])
+  return env
+
+
+def _assert_states_equal(a: train_lib.TrainState, b: train_lib.TrainState) -> None:
+  chex.assert_trees_all_equal_structs(a, b)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6, atol=1e-7)
+
+
+@pytest.fixture(scope='module')
+def straight(setup):
+  """The reference run: 12 steps without interruption, the step traced at most once."""
+  base, config_file, _ = setup
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(train_lib, 'train_step', chex.assert_max_traces(train_lib.train_step, n=1))
+    result = loop.run(_config(config_file), workdir=base / 'straight', resume=False)
+  chex.clear_trace_counter()
+  return result
+
+
+def test_compiles_once_and_loss_decreases(setup, straight):
+  base = setup[0]
+  assert straight.steps == STEPS
+  losses = [row['loss'] for row in report.read_rows(base / 'straight' / 'steps.csv')]
+  assert len(losses) == STEPS and all(np.isfinite(losses))
+  assert np.mean(losses[-4:]) < 0.9 * np.mean(losses[:4])
+
+
+def test_outputs_of_a_run(setup, straight):
+  run_dir = setup[0] / 'straight'
+  rows = report.read_rows(run_dir / 'results.csv')
+  assert [r['epoch'] for r in rows] == [0, 1, 2]
+  assert set(report.EPOCH_COLUMNS) <= set(rows[0])
+  assert all(0 <= r['map50'] <= 1 and 0 <= r['map50_95'] <= r['map50'] for r in rows)
+  for name in ('losses.png', 'map.png'):
+    assert (run_dir / name).stat().st_size > 0
+  assert list((run_dir / 'tensorboard').glob('events.out.tfevents.*'))
+  assert straight.best is not None and straight.best_metric == 'map50'
+  with checkpoint.Checkpoints(run_dir / 'checkpoints', save_every=2, read_only=True) as ckpt:
+    assert ckpt.latest_step == STEPS
+    assert ckpt.best is not None
+
+
+def test_resume_equals_uninterrupted_run(setup, straight):
+  base, config_file, _ = setup
+  workdir = base / 'resumed'
+  first = loop.run(_config(config_file, **{'train.max_steps': 6}), workdir=workdir, resume=False)
+  assert first.steps == 6  # Stopped inside epoch 1: the data position is mid-epoch.
+  second = loop.run(_config(config_file), workdir=workdir, resume=True)
+  assert second.steps == STEPS
+  _assert_states_equal(second.state, straight.state)
+  rows = report.read_rows(workdir / 'results.csv')
+  reference = report.read_rows(base / 'straight' / 'results.csv')
+  np.testing.assert_allclose(
+    [r['map50_95'] for r in rows], [r['map50_95'] for r in reference], atol=1e-6
+  )
+  steps = report.read_rows(workdir / 'steps.csv')
+  assert [r['step'] for r in steps] == list(range(STEPS))
+
+
+def test_resume_refuses_changed_run_and_fresh_start_refuses_old_run(setup, straight):
+  base, config_file, _ = setup
+  with pytest.raises(loop.RunError, match='--resume'):
+    loop.run(_config(config_file), workdir=base / 'straight', resume=False)
+  with pytest.raises(loop.RunError, match='train.batch_size'):
+    loop.run(
+      _config(config_file, **{'train.batch_size': 16}), workdir=base / 'straight', resume=True
+    )
+
+
+def test_non_finite_step_stops_and_is_not_saved(setup, monkeypatch, capsys):
+  base, config_file, _ = setup
+  original = train_lib.jit_train_step
+
+  def poisoned(setup_, *, state_sharding):
+    step = original(setup_, state_sharding=state_sharding)
+
+    def run_step(state, batch):
+      index = int(state.step)
+      state, metrics = step(state, batch)
+      if index == 3:
+        metrics = dict(metrics, finite=np.bool_(False), loss=np.float32('nan'))
+      return state, metrics
+
+    return run_step
+
+  monkeypatch.setattr(train_lib, 'jit_train_step', poisoned)
+  workdir = base / 'non-finite'
+  status = main.main(['--config', str(config_file), '--workdir', str(workdir)])
+  assert status == 1
+  assert 'non-finite loss or gradient at step 3' in capsys.readouterr().err
+  with checkpoint.Checkpoints(workdir / 'checkpoints', save_every=2, read_only=True) as ckpt:
+    assert ckpt.latest_step == 2  # Step 3 (which would have been saved as 4) left nothing.
+
+
+def test_eight_simulated_devices_match_one(setup, straight):
+  base, config_file, cache = setup
+  workdir = base / 'eight'
+  flags = os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8'
+  command = [sys.executable, '-m', 'train', '--config', str(config_file), '--steps', '3']
+  process = subprocess.run(
+    [*command, '--workdir', str(workdir)],
+    cwd=ROOT,
+    env=_env(cache, XLA_FLAGS=flags),
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
+  assert process.returncode == 0, process.stderr[-3000:]
+  assert '8 cpu device(s)' in process.stdout
+  eight = report.read_rows(workdir / 'steps.csv')
+  one = report.read_rows(base / 'straight' / 'steps.csv')[:3]
+  for column in ('loss', 'box', 'obj', 'cls'):
+    np.testing.assert_allclose(
+      [r[column] for r in eight], [r[column] for r in one], rtol=2e-4, err_msg=column
+    )
+
+
+def test_sigkill_then_resume(setup, straight):
+  base, config_file, cache = setup
+  workdir = base / 'killed'
+  command = [sys.executable, '-m', 'train', '--config', str(config_file), '--workdir', str(workdir)]
+  process = subprocess.Popen(
+    command, cwd=ROOT, env=_env(cache), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+  )
+  marker = workdir / 'checkpoints' / 'steps' / '4' / 'commit_success.txt'
+  deadline = time.monotonic() + 300
+  try:
+    while not marker.exists() and process.poll() is None and time.monotonic() < deadline:
+      time.sleep(0.05)
+    assert marker.exists(), 'no checkpoint at step 4 appeared'
+  finally:
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+  steps = workdir / 'checkpoints' / 'steps'
+  # A later checkpoint cut short (no commit marker) must never be read.
+  shutil.copytree(steps / '4', steps / '10')
+  (steps / '10' / 'commit_success.txt').unlink()
+  result = loop.run(_config(config_file), workdir=workdir, resume=True)
+  assert result.steps == STEPS
+  _assert_states_equal(result.state, straight.state)
+
+
+def test_malformed_label_row_is_named(setup, tmp_path, capsys):
+  base, config_file, _ = setup
+  data = synthetic.write_dataset(tmp_path / 'bad', num_train=8, num_val=2, image_size=64, seed=1)
+  label = tmp_path / 'bad' / 'labels' / 'train' / '000003.txt'
+  label.write_text(label.read_text() + '2 0.5 0.5 0.2\n')
+  line = len(label.read_text().splitlines())
+  status = main.main(
+    ['--config', str(config_file), '--data', str(data), '--workdir', str(tmp_path / 'run')]
+  )
+  assert status == 1
+  err = capsys.readouterr().err
+  assert f'{label}:{line}' in err and '5 fields' in err
+
+
+def test_config_errors_are_clear(setup, tmp_path, capsys):
+  _, config_file, _ = setup
+  bad = tmp_path / 'bad.yaml'
+  bad.write_text('train:\n  epoch: 3\n')
+  assert main.main(['--config', str(bad), '--workdir', str(tmp_path / 'run')]) == 1
+  assert "unknown option 'train.epoch'" in capsys.readouterr().err
+  missing = tmp_path / 'missing.yaml'
+  assert main.main(['--data', str(missing), '--workdir', str(tmp_path / 'run2')]) == 1
+  assert str(missing) in capsys.readouterr().err

@@ -1,0 +1,91 @@
+"""Command line of the training program.
+
+With no arguments, ``python -m train`` trains the small P6 model on the
+built-in synthetic dataset (written to ``<workdir>/data`` on first use),
+evaluating every epoch. Options come from ``train/configs/default.yaml``,
+then ``--config FILE`` (any subset of the same keys), then the flags below.
+
+Exit status: 0 when the run finished, 1 with a one-line error (no
+traceback) for configuration, dataset, run-directory and non-finite-loss
+errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+# Flag -> dotted option it overrides.
+OVERRIDES = {
+  'epochs': 'train.epochs',
+  'batch_size': 'train.batch_size',
+  'image_size': 'train.image_size',
+  'steps': 'train.max_steps',
+  'data': 'data.yaml',
+  'model': 'model.name',
+  'seed': 'seed',
+  'save_every': 'checkpoint.save_every',
+}
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+  """The parsed command line."""
+  parser = argparse.ArgumentParser(
+    prog='python -m train',
+    description='Train a YOLOv7 P6 model (default: the small model on the synthetic dataset).',
+  )
+  parser.add_argument('--config', help='YAML file overriding train/configs/default.yaml')
+  parser.add_argument(
+    '--workdir', default='runs/train', help='run directory (default: %(default)s)'
+  )
+  parser.add_argument(
+    '--resume', action='store_true', help='continue from the newest checkpoint in --workdir'
+  )
+  parser.add_argument('--epochs', type=int, help='train.epochs')
+  parser.add_argument('--batch-size', type=int, help='train.batch_size (all devices together)')
+  parser.add_argument('--image-size', type=int, help='train.image_size')
+  parser.add_argument('--steps', type=int, help='train.max_steps: stop after this many steps')
+  parser.add_argument('--data', help='dataset YAML (default: the synthetic dataset)')
+  parser.add_argument('--model', help="'p6_nano' or a model YAML file")
+  parser.add_argument('--seed', type=int, help='seed')
+  parser.add_argument('--save-every', type=int, help='checkpoint.save_every (steps)')
+  parser.add_argument(
+    '--no-progress', action='store_true', help='no progress bar (epoch lines are still printed)'
+  )
+  parser.add_argument(
+    '--distributed',
+    action='store_true',
+    help='call jax.distributed.initialize() first (one process per host; see the README)',
+  )
+  return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """Runs the program; returns the exit status."""
+  args = parse_args(argv)
+  import jax
+
+  if args.distributed:
+    jax.distributed.initialize()
+
+  from reorg_jax.dataset import DatasetError
+  from reorg_jax.train import NonFiniteError
+  from train import config as config_lib
+  from train import loop
+
+  overrides = {dotted: getattr(args, flag) for flag, dotted in OVERRIDES.items()}
+  if args.no_progress:
+    overrides['log.progress'] = False
+  try:
+    config = config_lib.load(config_path=args.config, overrides=overrides)
+    result = loop.run(config, workdir=args.workdir, resume=args.resume)
+  except (config_lib.ConfigError, DatasetError, loop.RunError, NonFiniteError) as error:
+    print(f'error: {error}', file=sys.stderr, flush=True)
+    return 1
+  del result
+  return 0
+
+
+if __name__ == '__main__':
+  raise SystemExit(main())

@@ -1,0 +1,210 @@
+"""What a run writes about itself: per-step and per-epoch tables, plots, TensorBoard.
+
+Files in the run directory:
+
+* ``steps.csv``: one row per training step (``step, epoch, loss, box, obj,
+  cls, lr``), the raw material of the loss curves.
+* ``results.csv``: one row per epoch (:data:`EPOCH_COLUMNS`): mean training
+  losses, validation precision, recall, mAP@0.5 and mAP@0.5:0.95 with the
+  EMA weights, and the learning rate.
+* ``losses.png`` and ``map.png``: those columns plotted against the epoch.
+* ``tensorboard/``: the same scalars as TensorBoard events.
+
+On resume, rows past the restored position are dropped, so every table
+reads as if the run had never stopped.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+from typing import Any
+
+STEP_COLUMNS = ('step', 'epoch', 'loss', 'box', 'obj', 'cls', 'lr')
+EPOCH_COLUMNS = (
+  'epoch',
+  'step',
+  'loss',
+  'box',
+  'obj',
+  'cls',
+  'precision',
+  'recall',
+  'map50',
+  'map50_95',
+  'lr',
+  'seconds',
+)
+
+
+def read_rows(path: str | os.PathLike) -> list[dict[str, float]]:
+  """The rows of a CSV written by :class:`Table`, values as floats (``[]`` if missing)."""
+  path = Path(path)
+  if not path.is_file():
+    return []
+  with path.open(newline='') as handle:
+    return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(handle)]
+
+
+class Table:
+  """An append-only CSV file with fixed columns.
+
+  Args:
+    path: the file.
+    columns: column names, in order.
+    keep_below: on opening, keep only existing rows whose ``key`` column is
+      below this value (rows a resumed run will write again); ``None``
+      starts a new file.
+    key: the column ``keep_below`` refers to.
+  """
+
+  def __init__(
+    self,
+    path: str | os.PathLike,
+    *,
+    columns: tuple[str, ...],
+    keep_below: float | None,
+    key: str,
+  ):
+    self.path = Path(path)
+    self.columns = columns
+    kept = [] if keep_below is None else [r for r in read_rows(self.path) if r[key] < keep_below]
+    self.rows: list[dict[str, float]] = kept
+    with self.path.open('w', newline='') as handle:
+      writer = csv.DictWriter(handle, fieldnames=columns)
+      writer.writeheader()
+      writer.writerows({k: _format(row[k]) for k in columns} for row in kept)
+
+  def append(self, row: dict[str, Any]) -> None:
+    """Adds one row (every column required) and flushes it to disk."""
+    values = {k: float(row[k]) for k in self.columns}
+    self.rows.append(values)
+    with self.path.open('a', newline='') as handle:
+      csv.DictWriter(handle, fieldnames=self.columns).writerow(
+        {k: _format(v) for k, v in values.items()}
+      )
+
+
+def _format(value: float) -> str:
+  return str(int(value)) if float(value).is_integer() and abs(value) < 2**53 else f'{value:.6g}'
+
+
+def plot_epochs(rows: list[dict[str, float]], directory: str | os.PathLike) -> None:
+  """Writes ``losses.png`` (training losses) and ``map.png`` (validation metrics) per epoch."""
+  if not rows:
+    return
+  import matplotlib
+
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+
+  directory = Path(directory)
+  epochs = [r['epoch'] for r in rows]
+  panels = {
+    'losses.png': ('training loss (batch mean)', ('loss', 'box', 'obj', 'cls')),
+    'map.png': ('validation (EMA weights)', ('map50', 'map50_95', 'precision', 'recall')),
+  }
+  for name, (title, columns) in panels.items():
+    figure, axes = plt.subplots(1, len(columns), figsize=(4 * len(columns), 3.2))
+    for axis, column in zip(axes, columns, strict=True):
+      axis.plot(epochs, [r[column] for r in rows], marker='o')
+      axis.set_title(column)
+      axis.set_xlabel('epoch')
+      axis.grid(alpha=0.3)
+    figure.suptitle(title)
+    figure.tight_layout()
+    figure.savefig(directory / name, dpi=90)
+    plt.close(figure)
+
+
+class Scalars:
+  """TensorBoard scalars (tensorboardX), or nothing when disabled.
+
+  Args:
+    directory: event directory, or ``None`` to write nothing.
+    purge_step: on resume, the first step to be written again; events at or
+      after it from the interrupted run are hidden.
+  """
+
+  def __init__(self, directory: str | os.PathLike | None, *, purge_step: int | None):
+    self._writer = None
+    if directory is not None:
+      from tensorboardX import SummaryWriter
+
+      self._writer = SummaryWriter(str(directory), purge_step=purge_step)
+
+  def add(self, values: dict[str, float], *, step: int, prefix: str) -> None:
+    """Writes ``prefix/name`` scalars at ``step``."""
+    if self._writer is None:
+      return
+    for name, value in values.items():
+      self._writer.add_scalar(f'{prefix}/{name}', float(value), step)
+
+  def close(self) -> None:
+    """Flushes and closes the event file."""
+    if self._writer is not None:
+      self._writer.close()
+
+
+class Progress:
+  """A per-epoch progress bar (tqdm) with loss parts, images/s and the run's ETA.
+
+  Args:
+    enabled: ``False`` draws nothing (messages are still printed).
+    total_steps: steps of the whole run, for its ETA.
+    batch_size: images per step.
+  """
+
+  def __init__(self, *, enabled: bool, total_steps: int, batch_size: int):
+    self.enabled = enabled
+    self.total_steps = total_steps
+    self.batch_size = batch_size
+    self._bar = None
+
+  def start_epoch(self, *, epoch: int, epochs: int, steps: int, done: int) -> None:
+    """Opens the bar of ``epoch`` (``steps`` in it, ``done`` of them already run)."""
+    if not self.enabled:
+      return
+    from tqdm import tqdm
+
+    self._bar = tqdm(
+      total=steps,
+      initial=done,
+      desc=f'epoch {epoch + 1}/{epochs}',
+      unit='step',
+      dynamic_ncols=True,
+      leave=True,
+      mininterval=1.0,
+    )
+
+  def update(self, *, metrics: dict[str, float], images_per_s: float, step: int) -> None:
+    """Advances one step; ``step`` is the run's steps done so far."""
+    if self._bar is None:
+      return
+    left = (self.total_steps - step) * self.batch_size / images_per_s if images_per_s > 0 else 0
+    self._bar.set_postfix_str(
+      f'box {metrics["box"]:.4f} obj {metrics["obj"]:.4f} cls {metrics["cls"]:.4f} '
+      f'{images_per_s:.1f} img/s, run ETA {_clock(left)}',
+      refresh=False,
+    )
+    self._bar.update(1)
+
+  def end_epoch(self) -> None:
+    """Closes the epoch's bar."""
+    if self._bar is not None:
+      self._bar.close()
+      self._bar = None
+
+  def write(self, message: str) -> None:
+    """Prints ``message`` without breaking the bar."""
+    if self._bar is not None:
+      self._bar.write(message)
+    else:
+      print(message, flush=True)
+
+
+def _clock(seconds: float) -> str:
+  seconds = max(0, int(seconds))
+  hours, rest = divmod(seconds, 3600)
+  return f'{hours}:{rest // 60:02d}:{rest % 60:02d}' if hours else f'{rest // 60}:{rest % 60:02d}'
