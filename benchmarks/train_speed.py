@@ -33,7 +33,6 @@ import jax.numpy as jnp
 
 import reorg_jax
 from reorg_jax import dataset, loader, optim, synthetic, yolo
-from reorg_jax import ema as ema_lib
 from reorg_jax import train as train_lib
 
 
@@ -61,18 +60,8 @@ def trivial_loss_step(setup: train_lib.TrainSetup, state: train_lib.TrainState, 
     return loss, updates['batch_stats']
 
   (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  params, opt_state, stepped = setup.optimizer.update(
-    grads, state.opt_state, state.params, hparams=batch['hparams']
-  )
-  model_vars = {'params': params, 'batch_stats': batch_stats}
-  ema = jax.lax.cond(
-    stepped,
-    lambda e: ema_lib.ema_update(e, model_vars, updates=opt_state.num_updates, recipe=setup.recipe),
-    lambda e: e,
-    state.ema,
-  )
-  new = train_lib.TrainState(
-    step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state, ema=ema
+  new, _ = train_lib.apply_update(
+    setup, state, grads=grads, batch_stats=batch_stats, hparams=batch['hparams']
   )
   return new, {'loss': loss}
 

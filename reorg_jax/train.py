@@ -137,6 +137,34 @@ def _all_finite(tree: Any) -> jax.Array:
   return jnp.all(jnp.stack(leaves))
 
 
+def apply_update(
+  setup: TrainSetup,
+  state: TrainState,
+  *,
+  grads: Any,
+  batch_stats: Any,
+  hparams: optim.HyperParams,
+) -> tuple[TrainState, jax.Array]:
+  """One micro-batch of the recipe optimiser and, if it stepped, the EMA update.
+
+  Returns the advanced state and a ``[]`` bool telling whether the weights changed.
+  """
+  params, opt_state, stepped = setup.optimizer.update(
+    grads, state.opt_state, state.params, hparams=hparams
+  )
+  model_vars = {'params': params, 'batch_stats': batch_stats}
+  ema = jax.lax.cond(
+    stepped,
+    lambda e: ema_lib.ema_update(e, model_vars, updates=opt_state.num_updates, recipe=setup.recipe),
+    lambda e: e,
+    state.ema,
+  )
+  new_state = TrainState(
+    step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state, ema=ema
+  )
+  return new_state, stepped
+
+
 def train_step(
   setup: TrainSetup, state: TrainState, batch: Mapping[str, Any]
 ) -> tuple[TrainState, dict[str, jax.Array]]:
@@ -177,22 +205,8 @@ def train_step(
   (loss, (parts, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   batch_stats = jax.tree.map(lambda new, old: new.astype(old.dtype), batch_stats, state.batch_stats)
   finite = jnp.isfinite(loss) & _all_finite(grads)
-  params, opt_state, stepped = setup.optimizer.update(
-    grads, state.opt_state, state.params, hparams=hparams
-  )
-  model_vars = {'params': params, 'batch_stats': batch_stats}
-  ema = jax.lax.cond(
-    stepped,
-    lambda e: ema_lib.ema_update(e, model_vars, updates=opt_state.num_updates, recipe=setup.recipe),
-    lambda e: e,
-    state.ema,
-  )
-  updated = TrainState(
-    step=state.step + 1,
-    params=params,
-    batch_stats=batch_stats,
-    opt_state=opt_state,
-    ema=ema,
+  updated, stepped = apply_update(
+    setup, state, grads=grads, batch_stats=batch_stats, hparams=hparams
   )
   kept = state.replace(step=state.step + 1)
   new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated, kept)
