@@ -150,6 +150,12 @@ class Conv(nn.Module):
     return nn.silu(x) if self.activation else x
 
 
+def _implicit(module: nn.Module, *, channels: int, mean: float, std: float) -> jax.Array:
+  """The ``[C]`` parameter ``implicit`` of an implicit layer, initialised ``N(mean, std)``."""
+  init = nn.initializers.normal(std)
+  return module.param('implicit', lambda key, shape: mean + init(key, shape), (channels,))
+
+
 class ImplicitA(nn.Module):
   """Learned per-channel offset: ``[B, H, W, C] -> x + implicit``, ``implicit ~ N(mean, std)``."""
 
@@ -158,11 +164,7 @@ class ImplicitA(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    init = nn.initializers.normal(self.std)
-    implicit = self.param(
-      'implicit', lambda key, shape: self.mean + init(key, shape), (x.shape[-1],)
-    )
-    return x + implicit
+    return x + _implicit(self, channels=x.shape[-1], mean=self.mean, std=self.std)
 
 
 class ImplicitM(nn.Module):
@@ -173,11 +175,7 @@ class ImplicitM(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    init = nn.initializers.normal(self.std)
-    implicit = self.param(
-      'implicit', lambda key, shape: self.mean + init(key, shape), (x.shape[-1],)
-    )
-    return x * implicit
+    return x * _implicit(self, channels=x.shape[-1], mean=self.mean, std=self.std)
 
 
 class MaxPool(nn.Module):
