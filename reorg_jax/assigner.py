@@ -202,6 +202,92 @@ def gather_cells(
   return jnp.concatenate(pieces, axis=1)
 
 
+def slot_geometry(config: LossConfig, max_boxes: int) -> tuple[np.ndarray, np.ndarray]:
+  """Static stride (``[K]``) and anchor size in grid cells (``[K, 2]``) of every slot."""
+  level, anchor = slot_layout(config, max_boxes)
+  stride = np.asarray(config.strides, np.float32)[level]
+  anchor_wh = (
+    np.asarray(config.anchors, np.float32) / np.asarray(config.strides, np.float32)[:, None, None]
+  )  # [L, A, 2]
+  return stride, anchor_wh[level, anchor]
+
+
+def decode_pixels(
+  preds: jax.Array, gj: jax.Array, gi: jax.Array, stride: jax.Array, anchor_wh: jax.Array
+) -> jax.Array:
+  """Pixel ``xyxy`` boxes ``[B, N, 4]`` of raw predictions at ``N`` slots.
+
+  Args:
+    preds: ``[B, N, 5 + C]`` raw logits.
+    gj, gi: ``[B, N]`` cells.
+    stride: ``[N]`` or ``[B, N]`` stride of each slot's level.
+    anchor_wh: ``[N, 2]`` or ``[B, N, 2]`` anchor in grid cells.
+  """
+  cell_xy = jnp.stack([gi, gj], axis=-1).astype(jnp.float32)  # [B, N, 2]
+  stride = stride[..., None]
+  pred_xy = (jax.nn.sigmoid(preds[..., :2]) * 2.0 - 0.5 + cell_xy) * stride
+  pred_wh = (jax.nn.sigmoid(preds[..., 2:4]) * 2.0) ** 2 * anchor_wh * stride
+  return box_lib.cxcywh_to_xyxy(jnp.concatenate([pred_xy, pred_wh], axis=-1))
+
+
+def class_tables(preds: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Per-slot parts of the SimOTA class cost.
+
+  With ``y = sqrt(sigmoid(cls) * sigmoid(obj))`` upstream takes the
+  BCE-with-logits of ``z = log(y / (1 - y))`` against the one-hot class,
+  summed over classes. Since ``softplus(z) = -log(1 - y)``, that sum is
+  ``-sum_c log(1 - y_c) - z_class``: a per-slot total and one logit read at
+  the box's class, so no ``[M, N, C]`` tensor is ever formed. ``y`` is kept
+  inside ``[tiny, 1 - 2**-24]`` so that saturated logits give a large finite
+  cost where upstream gets inf or NaN.
+
+  Args:
+    preds: ``[B, N, 5 + C]`` raw logits.
+
+  Returns:
+    ``total`` (``[B, N]``, ``-sum_c log(1 - y_c)``) and ``logit``
+    (``[B, N, C]``, ``z``).
+  """
+  y = jnp.sqrt(jax.nn.sigmoid(preds[..., 5:]) * jax.nn.sigmoid(preds[..., 4:5]))  # [B, N, C]
+  y = jnp.clip(y, _TINY, _BELOW_ONE)
+  log_not_y = jnp.log1p(-y)
+  return -jnp.sum(log_not_y, axis=-1), jnp.log(y) - log_not_y
+
+
+def pair_scores(
+  pred_xyxy: jax.Array,
+  total: jax.Array,
+  logit: jax.Array,
+  live: jax.Array,
+  targets: Targets,
+  image_hw: tuple[int, int],
+  config: LossConfig,
+) -> tuple[jax.Array, jax.Array]:
+  """IoU and SimOTA cost of every (box, slot) pair of an image.
+
+  Args:
+    pred_xyxy: ``[B, N, 4]`` decoded predictions in pixels.
+    total, logit: :func:`class_tables` of the same slots.
+    live: ``[B, N]`` the slot is a candidate.
+    targets: ``[B, M, ...]`` boxes.
+    image_hw: ``(H, W)``; boxes are scaled by ``W`` in x and ``H`` in y.
+    config: cost weights.
+
+  Returns:
+    ``iou`` (``[B, M, N]``, 0 off valid pairs) and ``cost`` (``[B, M, N]``,
+    ``inf`` off valid pairs).
+  """
+  height, width = image_hw
+  scale = jnp.asarray([width, height, width, height], jnp.float32)
+  true_xyxy = box_lib.cxcywh_to_xyxy(targets.boxes.astype(jnp.float32) * scale)  # [B, M, 4]
+  pair = targets.valid[:, :, None] & live[:, None, :]  # [B, M, N]
+  iou = jnp.where(pair, box_lib.iou_xyxy(true_xyxy, pred_xyxy), 0.0)
+  pick = jax.vmap(lambda values, c: values[c])  # [C, N] rows by [M] classes -> [M, N]
+  class_cost = total[:, None, :] - pick(jnp.swapaxes(logit, 1, 2), targets.classes)
+  cost = class_cost + config.iou_cost_weight * -jnp.log(iou + 1e-8)
+  return iou, jnp.where(pair, cost, jnp.inf)
+
+
 @flax.struct.dataclass
 class CandidateCosts:
   """Candidate slots of one head and their SimOTA scores against every box.
@@ -242,27 +328,45 @@ def candidate_costs(
   check_image_hw(image_hw, grids, config)
   lead = [jax.lax.stop_gradient(out) for out in lead]
   targets = jax.lax.stop_gradient(targets)
-  level, anchor = slot_layout(config, targets.max_boxes)
+  _, anchor = slot_layout(config, targets.max_boxes)
+  stride, anchor_wh = slot_geometry(config, targets.max_boxes)
   gj, gi, live = find_candidates(targets, grids, config, coarse=coarse)
   preds = gather_cells(lead, anchor, gj, gi).astype(jnp.float32)  # [B, K, 5 + C]
-
-  stride = jnp.asarray(np.asarray(config.strides, np.float32)[level])  # [K]
-  anchor_wh = jnp.concatenate(anchors_in_cells(config))[
-    level * config.num_anchors + anchor
-  ]  # [K, 2]
-  cell_xy = jnp.stack([gi, gj], axis=-1).astype(jnp.float32)  # [B, K, 2]
-  pred_xy = (jax.nn.sigmoid(preds[..., :2]) * 2.0 - 0.5 + cell_xy) * stride[:, None]
-  pred_wh = (jax.nn.sigmoid(preds[..., 2:4]) * 2.0) ** 2 * anchor_wh * stride[:, None]
-  pred_xyxy = box_lib.cxcywh_to_xyxy(jnp.concatenate([pred_xy, pred_wh], axis=-1))
-
-  height, width = image_hw
-  scale = jnp.asarray([width, height, width, height], jnp.float32)
-  true_xyxy = box_lib.cxcywh_to_xyxy(targets.boxes.astype(jnp.float32) * scale)  # [B, M, 4]
-  pair = targets.valid[:, :, None] & live[:, None, :]  # [B, M, K]
-  iou = jnp.where(pair, box_lib.iou_xyxy(true_xyxy, pred_xyxy), 0.0)
-  cost = _class_cost(preds, targets.classes) + config.iou_cost_weight * -jnp.log(iou + 1e-8)
-  cost = jnp.where(pair, cost, jnp.inf)
+  pred_xyxy = decode_pixels(preds, gj, gi, jnp.asarray(stride), jnp.asarray(anchor_wh))
+  total, logit = class_tables(preds)
+  iou, cost = pair_scores(pred_xyxy, total, logit, live, targets, image_hw, config)
   return CandidateCosts(gj=gj, gi=gi, live=live, iou=iou, cost=cost)
+
+
+def simota(
+  iou: jax.Array, cost: jax.Array, live: jax.Array, valid: jax.Array, config: LossConfig
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Steps 4-5 of :func:`assign` on ``N`` slots per image (any slot order).
+
+  Args:
+    iou, cost: ``[B, M, N]`` from :func:`pair_scores`.
+    live: ``[B, N]`` the slot is a candidate.
+    valid: ``[B, M]`` the box is real.
+    config: ``dynamic_k_candidates``.
+
+  Returns:
+    ``positive`` (``[B, N]`` bool), ``gt`` (``[B, N]`` int32 box of each
+    positive, 0 elsewhere) and ``dynamic_k`` (``[B, M]`` int32, 0 for
+    padding). Ties go to the lower slot, then to the lower box.
+  """
+  num_boxes = valid.shape[1]
+  max_k = min(config.dynamic_k_candidates, cost.shape[-1])
+  dynamic_k = dynamic_ks(iou, valid, config)
+  pair = valid[:, :, None] & live[:, None, :]  # [B, M, N]
+  selected = _select_cheapest(cost, dynamic_k, max_k=max_k) & pair
+  takers = jnp.sum(selected, axis=1)  # [B, N]
+  box_index = jnp.arange(num_boxes, dtype=jnp.int32)[None, :, None]
+  lowest_cost = jnp.min(cost, axis=1, keepdims=True)
+  # First box at the minimum / first selecting box, as plain min-reductions.
+  cheapest_box = jnp.min(jnp.where(cost == lowest_cost, box_index, num_boxes), axis=1)
+  only_box = jnp.min(jnp.where(selected, box_index, num_boxes), axis=1)
+  gt = jnp.where(takers > 1, cheapest_box, jnp.where(takers > 0, only_box, 0))
+  return takers > 0, gt, dynamic_k
 
 
 def dynamic_ks(iou: jax.Array, valid: jax.Array, config: LossConfig) -> jax.Array:
@@ -294,7 +398,7 @@ def assign(
   3. ``cost[m, k] = BCE(sqrt(sigmoid(cls) * sigmoid(obj)), one-hot) +
      3 * -log(iou + 1e-8)``, the class part computed as
      ``sum_c softplus(z_c) - z_class`` with ``z`` the logit of the geometric
-     mean, so no ``[M, K, C]`` tensor is formed;
+     mean (:func:`class_tables`), so no ``[M, K, C]`` tensor is formed;
   4. box ``m`` selects its ``dynamic_k[m]`` cheapest slots (equal costs: the
      lower slot first);
   5. a slot selected by several boxes goes to the box of lowest cost over
@@ -314,18 +418,7 @@ def assign(
     ``Assignment`` with ``[B, K]`` fields, ``K = L * 5 * A * M``.
   """
   scores = candidate_costs(lead, targets, image_hw, config, coarse=coarse)
-  dynamic_k = dynamic_ks(scores.iou, targets.valid, config)
-  max_k = min(config.dynamic_k_candidates, scores.cost.shape[-1])
-  pair = targets.valid[:, :, None] & scores.live[:, None, :]  # [B, M, K]
-  selected = _select_cheapest(scores.cost, dynamic_k, max_k=max_k) & pair
-  takers = jnp.sum(selected, axis=1)  # [B, K]
-  box_index = jnp.arange(targets.max_boxes, dtype=jnp.int32)[None, :, None]
-  lowest_cost = jnp.min(scores.cost, axis=1, keepdims=True)
-  # First box at the minimum / first selecting box, as plain min-reductions.
-  cheapest_box = jnp.min(
-    jnp.where(scores.cost == lowest_cost, box_index, targets.max_boxes), axis=1
-  )
-  only_box = jnp.min(jnp.where(selected, box_index, targets.max_boxes), axis=1)
+  positive, gt, dynamic_k = simota(scores.iou, scores.cost, scores.live, targets.valid, config)
   level, anchor = slot_layout(config, targets.max_boxes)
   batch = targets.batch_size
   return Assignment(
@@ -333,32 +426,11 @@ def assign(
     anchor=jnp.broadcast_to(jnp.asarray(anchor), (batch, anchor.shape[0])),
     gj=scores.gj,
     gi=scores.gi,
-    gt=jnp.where(takers > 1, cheapest_box, jnp.where(takers > 0, only_box, 0)),
+    gt=gt,
     candidate=scores.live,
-    positive=takers > 0,
+    positive=positive,
     dynamic_k=dynamic_k,
   )
-
-
-def _class_cost(preds: jax.Array, classes: jax.Array) -> jax.Array:
-  """SimOTA class cost ``[B, M, K]`` from ``[B, K, 5 + C]`` predictions and ``[B, M]`` classes.
-
-  With ``y = sqrt(sigmoid(cls) * sigmoid(obj))`` upstream takes the
-  BCE-with-logits of ``z = log(y / (1 - y))`` against the one-hot class,
-  summed over classes. Since ``softplus(z) = -log(1 - y)``, that sum is
-  ``-sum_c log(1 - y_c) - z_class``: one ``log1p`` per class and slot, and
-  the class-specific part is read off ``[B, M, K]`` gathered values, never a
-  ``[B, M, K, C]`` tensor. ``y`` is kept inside ``[tiny, 1 - 2**-24]`` so that
-  saturated logits give a large finite cost where upstream gets inf or NaN.
-  """
-  y = jnp.sqrt(jax.nn.sigmoid(preds[..., 5:]) * jax.nn.sigmoid(preds[..., 4:5]))  # [B, K, C]
-  y = jnp.clip(y, _TINY, _BELOW_ONE)
-  log_not_y = jnp.log1p(-y)
-  total = -jnp.sum(log_not_y, axis=-1)  # [B, K]
-  pick = jax.vmap(lambda values, c: values[c])  # [C, K] rows by [M] classes -> [M, K]
-  y_true = pick(jnp.swapaxes(y, 1, 2), classes)  # [B, M, K]
-  log_not_y_true = pick(jnp.swapaxes(log_not_y, 1, 2), classes)
-  return total[:, None, :] - (jnp.log(y_true) - log_not_y_true)
 
 
 def _select_cheapest(cost: jax.Array, count: jax.Array, *, max_k: int) -> jax.Array:

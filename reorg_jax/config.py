@@ -55,6 +55,10 @@ class LossConfig:
     iou_cost_weight: SimOTA cost is ``class BCE + iou_cost_weight * -log(IoU)``.
     dynamic_k_candidates: dynamic k of a box is the integer part of the sum of
       its this-many best IoUs (at least 1); also the static bound on k.
+    capacity_fractions: the loss packs each image's live candidate slots into
+      the smallest of these fractions of all ``K`` slots that holds the batch's
+      fullest image (``K`` itself when none does); a speed setting only, the
+      result does not depend on it.
   """
 
   num_classes: int
@@ -72,6 +76,7 @@ class LossConfig:
   aux_weight: float = 0.25
   iou_cost_weight: float = 3.0
   dynamic_k_candidates: int = 20
+  capacity_fractions: tuple[float, ...] = (0.125, 0.1875, 0.25, 0.3125, 0.375, 0.5, 0.75)
 
   def __post_init__(self):
     if self.num_classes < 1:
@@ -89,6 +94,8 @@ class LossConfig:
       raise ValueError(f'every level needs the same, non-zero number of anchors, got {counts}')
     if any(len(pair) != 2 or min(pair) <= 0 for row in self.anchors for pair in row):
       raise ValueError(f'anchors must be positive (w, h) pairs, got {self.anchors}')
+    if not all(0 < f < 1 for f in self.capacity_fractions):
+      raise ValueError(f'capacity_fractions must lie in (0, 1), got {self.capacity_fractions}')
     if self.dynamic_k_candidates < 1:
       raise ValueError(f'dynamic_k_candidates must be >= 1, got {self.dynamic_k_candidates}')
 

@@ -20,168 +20,302 @@ plus the two nearest neighbours), the auxiliary head on the coarse one
 The auxiliary head's three terms enter with weight ``aux_weight`` (0.25).
 Sums over levels are multiplied by the ``box``/``obj``/``cls`` gains and the
 total by the batch size, as upstream does.
+
+How it is computed: the assignment runs on packed live slots
+(:mod:`reorg_jax.compact`), and so do the box and class terms. The objectness
+BCE is split as ``BCE(x, t) = softplus(x) + t * ((pw - 1) * softplus(-x) - x)``:
+a dense sum of ``softplus`` over every cell, plus a correction at the
+positives, so no dense target grid is built.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
-from reorg_jax import assigner
+from reorg_jax import assigner, compact
 from reorg_jax import boxes as box_lib
 from reorg_jax.config import LossConfig
 from reorg_jax.targets import Targets
 
 
-def bce_with_logits(logits: jax.Array, labels: jax.Array, *, pos_weight: float) -> jax.Array:
-  """Element-wise BCE with logits and a positive-class weight (unreduced).
+@jax.custom_jvp
+def softplus(x: jax.Array) -> jax.Array:
+  """``log(1 + exp(x))``, element-wise, with derivative ``sigmoid(x)``.
 
-  ``pos_weight * t * softplus(-x) + (1 - t) * softplus(x)``: optax's sigmoid
-  BCE plus ``(pos_weight - 1) * t * softplus(-x)``.
+  Written as ``max(x, 0) + log1p(exp(-|x|))``; XLA:CPU runs it several times
+  faster than ``jax.nn.softplus`` (``logaddexp``) on the head outputs.
   """
-  loss = optax.sigmoid_binary_cross_entropy(logits, labels)
-  if pos_weight != 1.0:
-    loss = loss + (pos_weight - 1.0) * labels * jax.nn.softplus(-logits)
-  return loss
+  return jnp.where(x > 0, x, 0.0) + jnp.log1p(jnp.exp(-jnp.abs(x)))
 
 
-def _masked_mean(values: jax.Array, mask: jax.Array, *, per_item: int = 1) -> jax.Array:
-  """Mean of ``values`` where ``mask``; 0 when nothing is masked in."""
-  count = jnp.sum(mask) * per_item
-  return jnp.sum(jnp.where(mask, values, 0.0)) / jnp.maximum(count, 1)
+@softplus.defjvp
+def _softplus_jvp(primals, tangents):
+  (x,), (dx,) = primals, tangents
+  return softplus(x), dx * jax.nn.sigmoid(x)
 
 
-def objectness_targets(
-  shape: tuple[int, int, int, int],
-  anchor: np.ndarray,
-  gj: jax.Array,
-  gi: jax.Array,
-  positive: jax.Array,
-  value: jax.Array,
-) -> jax.Array:
-  """Objectness target grid of one level.
+def _level_sums(values: jax.Array, level: jax.Array, num_levels: int) -> jax.Array:
+  """``[L]`` sums of ``[B, N]`` values by the ``[B, N]`` level of their slot."""
+  one_hot = level[..., None] == jnp.arange(num_levels)  # [B, N, L]
+  return jnp.sum(jnp.where(one_hot, values[..., None], 0.0), axis=(0, 1))
 
-  Several positives can share a cell (two boxes proposing the same cell and
-  anchor). Upstream writes them with one indexed assignment whose order is
-  unspecified; on CPU the last write wins. Here the rule is explicit: the
-  positive that comes last in slot order (image, offset, anchor, box) wins.
 
-  Args:
-    shape: ``(B, A, H_l, W_l)``.
-    anchor: ``[S]`` static anchor per slot of the level.
-    gj, gi, positive, value: ``[B, S]``.
+def _class_bce_sums(logits: jax.Array, true_class: jax.Array, config: LossConfig) -> jax.Array:
+  """``[B, N]`` class BCE summed over classes, against the smoothed one-hot class.
 
-  Returns:
-    ``[B, A, H_l, W_l]`` targets, 0 where no positive lies.
+  With targets ``t_c`` equal to ``cn`` except ``cp`` at the true class and
+  ``pw = cls_pw``, ``BCE = (1 + (pw - 1) t) softplus(x) - pw t x``; the class
+  sum needs only ``sum softplus``, ``sum x`` and the true class's logit.
   """
-  batch, num_anchors, grid_h, grid_w = shape
-  cells = num_anchors * grid_h * grid_w
-  flat = (jnp.asarray(anchor) * grid_h + gj) * grid_w + gi  # [B, S]
-  rows = jnp.arange(batch)[:, None]
-  order = jnp.where(positive, jnp.arange(flat.shape[1]), -1)
-  last = jnp.full((batch, cells), -1, jnp.int32).at[rows, flat].max(order)
-  winner = positive & (last[rows, flat] == order)
-  target = jnp.zeros((batch, cells), value.dtype)
-  target = target.at[rows, jnp.where(winner, flat, cells)].set(value, mode='drop')
-  return target.reshape(shape)
-
-
-@jax.custom_vjp
-def read_head(out: jax.Array, flat_index: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """The two reads the loss makes of a head output, with a one-pass gradient.
-
-  Args:
-    out: ``[B, A, H_l, W_l, F]`` head output.
-    flat_index: ``[B, S]`` int32 rows ``(a * H_l + gj) * W_l + gi``.
-
-  Returns:
-    objectness logits ``out[..., 4]`` (``[B, A, H_l, W_l]``) and the rows at
-    ``flat_index`` (``[B, S, F]``).
-
-  The gradient of ``out`` is dense in channel 4 and touches the other channels
-  only at ``S`` rows; it is built by writing channel 4 once and adding the
-  rows in place, instead of summing two full-size cotangents.
-  """
-  return _read_head_forward(out, flat_index)[0]
-
-
-def _read_head_forward(out, flat_index):
-  batch, anchors, grid_h, grid_w, features = out.shape
-  table = out.reshape(batch, anchors * grid_h * grid_w, features)
-  rows = jnp.take_along_axis(table, flat_index[..., None], axis=1)
-  return (out[..., 4], rows), flat_index
-
-
-def _read_head_backward(flat_index, cotangents):
-  obj_grad, rows_grad = cotangents
-  batch, anchors, grid_h, grid_w = obj_grad.shape
-  features = rows_grad.shape[-1]
-  full = jnp.zeros((*obj_grad.shape, features), rows_grad.dtype).at[..., 4].set(obj_grad)
-  full = full.reshape(batch, anchors * grid_h * grid_w, features)
-  full = full.at[jnp.arange(batch)[:, None], flat_index].add(rows_grad)
-  return full.reshape(batch, anchors, grid_h, grid_w, features), None
-
-
-read_head.defvjp(_read_head_forward, _read_head_backward)
-
-
-def _head_level_loss(
-  out: jax.Array,
-  level: int,
-  assignment: assigner.Assignment,
-  anchor: np.ndarray,
-  targets: Targets,
-  config: LossConfig,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """``(box, obj, cls)`` of one head on one level, before gains and head weight.
-
-  Args:
-    out: ``[B, A, H_l, W_l, 5 + C]`` raw head output.
-    level: ``l``.
-    assignment: ``[B, K]`` assignment of this head.
-    anchor: ``[K]`` static anchor per slot.
-    targets: ``[B, M, ...]`` boxes.
-    config: head geometry and hyper-parameters.
-  """
-  batch, _, grid_h, grid_w, _ = out.shape
-  per_level = anchor.shape[0] // config.num_levels
-  part = slice(level * per_level, (level + 1) * per_level)
-  gj, gi = assignment.gj[:, part], assignment.gi[:, part]
-  positive = assignment.positive[:, part]  # [B, S]
-  gt = assignment.gt[:, part]
-  flat_index = (jnp.asarray(anchor[part]) * grid_h + gj) * grid_w + gi  # [B, S]
-  obj_logits, preds = read_head(out, flat_index)  # [B, A, H_l, W_l], [B, S, 5 + C]
-
-  anchor_wh = assigner.anchors_in_cells(config)[level][anchor[part]]  # [S, 2]
-  pred_xy = jax.nn.sigmoid(preds[..., :2]) * 2.0 - 0.5
-  pred_wh = (jax.nn.sigmoid(preds[..., 2:4]) * 2.0) ** 2 * anchor_wh
-  gain = jnp.asarray([grid_w, grid_h, grid_w, grid_h], jnp.float32)
-  true = jnp.take_along_axis(targets.boxes, gt[..., None], axis=1) * gain  # [B, S, 4]
-  cell = jnp.stack([gi, gj], axis=-1).astype(true.dtype)
-  true = jnp.concatenate([true[..., :2] - cell, true[..., 2:]], axis=-1)
-  ciou = box_lib.ciou_cxcywh(jnp.concatenate([pred_xy, pred_wh], axis=-1), true)  # [B, S]
-  box = _masked_mean(1.0 - ciou, positive)
-
-  obj_value = (1.0 - config.gr) + config.gr * jnp.clip(jax.lax.stop_gradient(ciou), 0)
-  obj_target = objectness_targets(
-    (batch, config.num_anchors, grid_h, grid_w), anchor[part], gj, gi, positive, obj_value
+  smooth = config.label_smoothing
+  high, low = 1.0 - 0.5 * smooth, 0.5 * smooth
+  pw = config.cls_pw
+  positive_part = softplus(logits)  # [B, N, C]
+  true_logit = jnp.take_along_axis(logits, true_class[..., None], axis=-1)[..., 0]
+  true_softplus = jnp.take_along_axis(positive_part, true_class[..., None], axis=-1)[..., 0]
+  return (
+    (1.0 + (pw - 1.0) * low) * jnp.sum(positive_part, axis=-1)
+    + (pw - 1.0) * (high - low) * true_softplus
+    - pw * (low * jnp.sum(logits, axis=-1) + (high - low) * true_logit)
   )
-  obj = jnp.mean(bce_with_logits(obj_logits, obj_target, pos_weight=config.obj_pw))
 
+
+def _head_terms(
+  preds: jax.Array,
+  packed: compact.PackedAssignment,
+  slots: compact.HeadSlots,
+  targets: Targets,
+  grids: tuple[tuple[int, int], ...],
+  config: LossConfig,
+) -> dict[str, jax.Array]:
+  """Per-level sums of one head's loss terms at its packed positives.
+
+  Args:
+    preds: ``[B, N, F]`` the head's outputs at the packed slots' cells.
+    packed: the head's ``[B, N]`` assignment.
+    slots: candidate cells.
+    targets: ``[B, M, ...]`` boxes.
+    grids: ``L`` grid shapes.
+    config: head geometry and hyper-parameters.
+
+  Returns:
+    ``[L]`` arrays: ``box`` (sum of ``1 - CIoU``), ``positives``, ``cls``
+    (sum of class BCE over positives and classes) and ``obj`` (the
+    objectness correction summed over the cells that positives write).
+  """
+  rows_of = jax.vmap(lambda values, index: values[index])  # [K, ...] by [N] -> [N, ...]
+  levels = config.num_levels
+  level_of, anchor_of = assigner.slot_layout(config, targets.max_boxes)
+  _, anchor_wh = assigner.slot_geometry(config, targets.max_boxes)
+  grid = np.asarray(grids, np.int32)  # [L, 2] (H, W)
+  cells = config.num_anchors * grid[:, 0] * grid[:, 1]
+  first_cell = np.concatenate([[0], np.cumsum(cells)[:-1]]).astype(np.int32)
+
+  level = jnp.asarray(level_of)[packed.slot]  # [B, N]
+  anchor = jnp.asarray(anchor_of)[packed.slot]
+  grid_h, grid_w = jnp.asarray(grid[:, 0])[level], jnp.asarray(grid[:, 1])[level]
+  gj, gi = rows_of(slots.gj, packed.source), rows_of(slots.gi, packed.source)
+  positive = packed.positive & packed.filled
+
+  pred_xy = jax.nn.sigmoid(preds[..., :2]) * 2.0 - 0.5
+  pred_wh = (jax.nn.sigmoid(preds[..., 2:4]) * 2.0) ** 2 * jnp.asarray(anchor_wh)[packed.slot]
+  gain = jnp.stack([grid_w, grid_h], axis=-1).astype(jnp.float32)  # [B, N, 2]
+  true = rows_of(targets.boxes, packed.gt).astype(jnp.float32)  # [B, N, 4]
+  cell = jnp.stack([gi, gj], axis=-1).astype(jnp.float32)
+  true = jnp.concatenate([true[..., :2] * gain - cell, true[..., 2:] * gain], axis=-1)
+  ciou = box_lib.ciou_cxcywh(jnp.concatenate([pred_xy, pred_wh], axis=-1), true)  # [B, N]
+  terms = {
+    'box': _level_sums(jnp.where(positive, 1.0 - ciou, 0.0), level, levels),
+    'positives': _level_sums(positive.astype(jnp.float32), level, levels),
+  }
   if config.num_classes > 1:
-    smooth = config.label_smoothing
-    true_class = jnp.take_along_axis(targets.classes, gt, axis=1)  # [B, S]
-    onehot = jax.nn.one_hot(true_class, config.num_classes, dtype=preds.dtype)
-    labels = onehot * (1.0 - smooth) + 0.5 * smooth  # [B, S, C]
-    bce = bce_with_logits(preds[..., 5:], labels, pos_weight=config.cls_pw)
-    cls = _masked_mean(bce, positive[..., None], per_item=config.num_classes)
+    true_class = rows_of(targets.classes, packed.gt)
+    bce = _class_bce_sums(preds[..., 5:], true_class, config)
+    terms['cls'] = _level_sums(jnp.where(positive, bce, 0.0), level, levels)
   else:
-    cls = jnp.zeros((), out.dtype)
-  return box, obj, cls
+    terms['cls'] = jnp.zeros((levels,), jnp.float32)
+
+  # Several positives can write the same cell (two boxes proposing one cell and
+  # anchor). Upstream's indexed write leaves the order unspecified; on CPU the
+  # last write wins. Here the rule is explicit: the last positive in slot order.
+  batch, places = positive.shape
+  flat_cell = jnp.asarray(first_cell)[level] + (anchor * grid_h + gj) * grid_w + gi  # [B, N]
+  order = jnp.where(positive, jnp.arange(places), -1)
+  rows = jnp.arange(batch)[:, None]
+  last = jnp.full((batch, int(cells.sum()) + 1), -1, jnp.int32)
+  last = last.at[rows, jnp.where(positive, flat_cell, int(cells.sum()))].max(order)
+  writes = positive & (last[rows, flat_cell] == order)
+  value = (1.0 - config.gr) + config.gr * jnp.clip(jax.lax.stop_gradient(ciou), 0)
+  logit = preds[..., 4]
+  correction = value * ((config.obj_pw - 1.0) * softplus(-logit) - logit)
+  terms['obj'] = _level_sums(jnp.where(writes, correction, 0.0), level, levels)
+  return terms
+
+
+def _head_parts(
+  preds: jax.Array,
+  packed: compact.PackedAssignment,
+  slots: compact.HeadSlots,
+  targets: Targets,
+  grids: tuple[tuple[int, int], ...],
+  config: LossConfig,
+) -> jax.Array:
+  """``[3]``: one head's box term, objectness correction and class term.
+
+  Box and class are means over each level's positives (0 for a level without
+  any) summed over levels; the objectness correction is already divided by the
+  level's cell count and weighted by ``balance``. Gains and the auxiliary
+  weight come later.
+  """
+  terms = _head_terms(preds, packed, slots, targets, grids, config)
+  cells = np.asarray([config.num_anchors * h * w for h, w in grids], np.float32)
+  cells = cells * preds.shape[0]
+  count = jnp.maximum(terms['positives'], 1.0)
+  return jnp.stack(
+    [
+      jnp.sum(terms['box'] / count),
+      jnp.sum(np.asarray(config.balance, np.float32) * terms['obj'] / cells),
+      jnp.sum(terms['cls'] / (count * config.num_classes)),
+    ]
+  )
+
+
+def _sparse_parts(
+  outputs: Sequence[jax.Array],
+  slots: compact.HeadSlots,
+  targets: Targets,
+  grids: tuple[tuple[int, int], ...],
+  image_hw: tuple[int, int],
+  config: LossConfig,
+  *,
+  capacity: int,
+  with_gradient: bool,
+):
+  """Both heads' :func:`_head_parts` (``[2, 3]``) on packed slots of ``capacity``.
+
+  With ``with_gradient``, also the gradient of each head's three parts with
+  respect to its rows at all ``K`` slots (``2 x [B, K, F]``). The parts touch
+  disjoint channels (box: 0-3, objectness: 4, class: 5 on), so one array per
+  head carries all three.
+  """
+  levels = config.num_levels
+  lead, aux = outputs[:levels], outputs[levels:]
+  slot, filled = compact.pack(slots.live, capacity)
+  # Materialised once: fused into each consumer, the scattered reads would repeat.
+  lead_preds = jax.lax.optimization_barrier(
+    compact.rows_at(lead, slot, slots, config).astype(jnp.float32)
+  )  # [B, N, F]
+  fine, coarse = compact.assign_packed(lead_preds, slot, filled, slots, targets, image_hw, config)
+  rows_of = jax.vmap(lambda values, index: values[index])  # [N, F] by [N] -> [N, F]
+  aux_preds = jax.lax.optimization_barrier(
+    compact.rows_at(aux, slot, slots, config).astype(jnp.float32)
+  )
+  parts, gradients = [], []
+  for preds, packed in ((rows_of(lead_preds, fine.place), fine), (aux_preds, coarse)):
+
+    def head_parts(preds, packed=packed):
+      return _head_parts(preds, packed, slots, targets, grids, config)
+
+    if not with_gradient:
+      parts.append(head_parts(preds))
+      continue
+    value, pullback = jax.vjp(head_parts, preds)
+    (gradient,) = pullback(jnp.ones_like(value))  # [B, N, F]
+    batch, num_slots = slots.live.shape
+    full = jnp.zeros((batch, num_slots, gradient.shape[-1]), gradient.dtype)
+    full = full.at[jnp.arange(batch)[:, None], packed.source].add(
+      jnp.where(packed.filled[..., None], gradient, 0.0)
+    )
+    parts.append(value)
+    gradients.append(full)
+  return jnp.stack(parts), gradients
+
+
+def _flat_cells(slots: compact.HeadSlots, grids, config: LossConfig) -> list[jax.Array]:
+  """Per level, ``[B, S]`` row ``(a * H_l + gj) * W_l + gi`` of each slot of the level."""
+  _, anchor = assigner.slot_layout(config, slots.max_boxes)
+  per_level = anchor.shape[0] // config.num_levels
+  index = []
+  for level, (grid_h, grid_w) in enumerate(grids):
+    part = slice(level * per_level, (level + 1) * per_level)
+    gj, gi = slots.gj[:, part], slots.gi[:, part]
+    index.append((jnp.asarray(anchor[part]) * grid_h + gj) * grid_w + gi)
+  return index
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _loss_parts(outputs, slots, targets, grids, image_hw, config):
+  """``[2, 3]``: (lead, aux) x (box, objectness, class), before gains and head weights."""
+  return _loss_parts_forward(outputs, slots, targets, grids, image_hw, config, False)[0]
+
+
+def _dense_objectness(outputs, grids, config: LossConfig) -> jax.Array:
+  """``[2, 3]`` with each head's ``sum_l balance_l * mean softplus(objectness)`` in column 1."""
+  levels = config.num_levels
+  batch = outputs[0].shape[0]
+  dense = []
+  for head in (outputs[:levels], outputs[levels:]):
+    total = jnp.zeros((), jnp.float32)
+    for level, out in enumerate(head):
+      grid_h, grid_w = grids[level]
+      cells = batch * config.num_anchors * grid_h * grid_w
+      weight = config.balance[level] / cells
+      total = total + weight * jnp.sum(softplus(out[..., 4].astype(jnp.float32)))
+    dense.append(jnp.stack([jnp.zeros(()), total, jnp.zeros(())]))
+  return jnp.stack(dense)
+
+
+def _loss_parts_forward(outputs, slots, targets, grids, image_hw, config, with_gradient=True):
+  ladder = compact.capacities(slots.live.shape[1], config)
+  branches = [
+    functools.partial(
+      _sparse_parts,
+      grids=grids,
+      image_hw=image_hw,
+      config=config,
+      capacity=capacity,
+      with_gradient=with_gradient,
+    )
+    for capacity in ladder
+  ]
+  sparse, gradients = jax.lax.switch(
+    compact.capacity_index(slots.live, ladder), branches, outputs, slots, targets
+  )
+  parts = sparse + _dense_objectness(outputs, grids, config)
+  return parts, (outputs, slots, gradients)
+
+
+def _loss_parts_backward(grids, image_hw, config, residuals, cotangent):
+  """Each output's gradient written once: objectness everywhere, the rest at candidate rows."""
+  del image_hw
+  outputs, slots, gradients = residuals
+  levels = config.num_levels
+  num_classes = config.num_classes
+  flat_index = _flat_cells(slots, grids, config)
+  per_level = slots.live.shape[1] // levels
+  result = []
+  for head in range(2):
+    box, obj, cls = cotangent[head, 0], cotangent[head, 1], cotangent[head, 2]
+    scale = jnp.concatenate([jnp.full((4,), box), obj[None], jnp.full((num_classes,), cls)])
+    for level in range(levels):
+      out = outputs[head * levels + level]
+      batch, anchors, grid_h, grid_w, features = out.shape
+      weight = config.balance[level] / (batch * anchors * grid_h * grid_w)
+      x = out[..., 4].astype(jnp.float32)
+      full = jnp.zeros(out.shape, jnp.float32).at[..., 4].set(obj * weight * jax.nn.sigmoid(x))
+      full = full.reshape(batch, anchors * grid_h * grid_w, features)
+      rows = gradients[head][:, level * per_level : (level + 1) * per_level] * scale
+      full = full.at[jnp.arange(batch)[:, None], flat_index[level]].add(rows)
+      result.append(full.reshape(out.shape).astype(out.dtype))
+  return tuple(result), None, None
+
+
+_loss_parts.defvjp(_loss_parts_forward, _loss_parts_backward)
 
 
 def aux_ota_loss(
@@ -210,24 +344,15 @@ def aux_ota_loss(
       f'outputs must hold {levels} lead then {levels} auxiliary arrays, got {len(outputs)}'
     )
   lead, aux = list(outputs[:levels]), list(outputs[levels:])
-  if assigner.grid_shapes(lead, config) != assigner.grid_shapes(aux, config):
+  grids = assigner.grid_shapes(lead, config)
+  if grids != assigner.grid_shapes(aux, config):
     raise ValueError('lead and auxiliary outputs must have the same shapes level by level')
-  fine = assigner.assign(lead, targets, image_hw, config, coarse=False)
-  coarse = assigner.assign(lead, targets, image_hw, config, coarse=True)
-  _, anchor = assigner.slot_layout(config, targets.max_boxes)
-
-  box = obj = cls = jnp.zeros((), jnp.float32)
-  for level in range(levels):
-    for out, assignment, weight in (
-      (lead[level], fine, 1.0),
-      (aux[level], coarse, config.aux_weight),
-    ):
-      level_box, level_obj, level_cls = _head_level_loss(
-        out, level, assignment, anchor, targets, config
-      )
-      box = box + weight * level_box
-      obj = obj + weight * config.balance[level] * level_obj
-      cls = cls + weight * level_cls
+  assigner.check_image_hw(image_hw, grids, config)
+  targets = jax.lax.stop_gradient(targets)
+  slots = compact.head_slots(targets, grids, config)
+  parts = _loss_parts(tuple(lead + aux), slots, targets, grids, tuple(image_hw), config)
+  weights = jnp.asarray([1.0, config.aux_weight], jnp.float32)
+  box, obj, cls = jnp.sum(parts * weights[:, None], axis=0)
   box, obj, cls = box * config.box, obj * config.obj, cls * config.cls
   total = box + obj + cls
   loss = total * lead[0].shape[0]
