@@ -76,7 +76,7 @@ class LossConfig:
   aux_weight: float = 0.25
   iou_cost_weight: float = 3.0
   dynamic_k_candidates: int = 20
-  capacity_fractions: tuple[float, ...] = (0.125, 0.1875, 0.25, 0.3125, 0.375, 0.5, 0.75)
+  capacity_fractions: tuple[float, ...] = (0.0625, 0.125, 0.1875, 0.3125, 0.5)
 
   def __post_init__(self):
     if self.num_classes < 1:

@@ -2,7 +2,8 @@
 
 Glossary: ``B`` batch, ``L`` levels, ``A`` anchors per level, ``M`` max boxes,
 ``K`` candidate slots per image (``K = L * 5 * A * M``, ``S = K / L`` per
-level), ``C`` classes, ``H_l``/``W_l`` the grid of level ``l``.
+level), ``N`` packed places (:mod:`reorg_jax.compact`), ``C`` classes,
+``F = 5 + C``, ``H_l``/``W_l`` the grid of level ``l``.
 
 The objective has two heads. Both are trained on targets chosen with the
 *lead* head's predictions: the lead head on the fine assignment (centre cell
@@ -206,15 +207,10 @@ def _sparse_parts(
   levels = config.num_levels
   lead, aux = outputs[:levels], outputs[levels:]
   slot, filled = compact.pack(slots.live, capacity)
-  # Materialised once: fused into each consumer, the scattered reads would repeat.
-  lead_preds = jax.lax.optimization_barrier(
-    compact.rows_at(lead, slot, slots, config).astype(jnp.float32)
-  )  # [B, N, F]
+  lead_preds = compact.rows_at(lead, slot, slots, config).astype(jnp.float32)  # [B, N, F]
   fine, coarse = compact.assign_packed(lead_preds, slot, filled, slots, targets, image_hw, config)
   rows_of = jax.vmap(lambda values, index: values[index])  # [N, F] by [N] -> [N, F]
-  aux_preds = jax.lax.optimization_barrier(
-    compact.rows_at(aux, slot, slots, config).astype(jnp.float32)
-  )
+  aux_preds = compact.rows_at(aux, slot, slots, config).astype(jnp.float32)
   parts, gradients = [], []
   for preds, packed in ((rows_of(lead_preds, fine.place), fine), (aux_preds, coarse)):
 
@@ -254,20 +250,26 @@ def _loss_parts(outputs, slots, targets, grids, image_hw, config):
   return _loss_parts_forward(outputs, slots, targets, grids, image_hw, config, False)[0]
 
 
-def _dense_objectness(outputs, grids, config: LossConfig) -> jax.Array:
-  """``[2, 3]`` with each head's ``sum_l balance_l * mean softplus(objectness)`` in column 1."""
+def _dense_objectness(outputs, grids, config: LossConfig) -> tuple[jax.Array, list[jax.Array]]:
+  """Each head's ``sum_l balance_l * mean softplus(objectness)``, in column 1 of a ``[2, 3]``.
+
+  Also returns ``sigmoid(objectness)`` of each output (``[B, A, H_l, W_l]``),
+  its derivative, so that the backward pass does not read the outputs again.
+  """
   levels = config.num_levels
   batch = outputs[0].shape[0]
-  dense = []
+  dense, sigmoids = [], []
   for head in (outputs[:levels], outputs[levels:]):
     total = jnp.zeros((), jnp.float32)
     for level, out in enumerate(head):
       grid_h, grid_w = grids[level]
       cells = batch * config.num_anchors * grid_h * grid_w
       weight = config.balance[level] / cells
-      total = total + weight * jnp.sum(softplus(out[..., 4].astype(jnp.float32)))
+      logits = out[..., 4].astype(jnp.float32)
+      total = total + weight * jnp.sum(softplus(logits))
+      sigmoids.append(jax.nn.sigmoid(logits))
     dense.append(jnp.stack([jnp.zeros(()), total, jnp.zeros(())]))
-  return jnp.stack(dense)
+  return jnp.stack(dense), sigmoids
 
 
 def _loss_parts_forward(outputs, slots, targets, grids, image_hw, config, with_gradient=True):
@@ -286,14 +288,16 @@ def _loss_parts_forward(outputs, slots, targets, grids, image_hw, config, with_g
   sparse, gradients = jax.lax.switch(
     compact.capacity_index(slots.live, ladder), branches, outputs, slots, targets
   )
-  parts = sparse + _dense_objectness(outputs, grids, config)
-  return parts, (outputs, slots, gradients)
+  dense, sigmoids = _dense_objectness(outputs, grids, config)
+  if not with_gradient:
+    sigmoids = None
+  return sparse + dense, (outputs, sigmoids, slots, gradients)
 
 
 def _loss_parts_backward(grids, image_hw, config, residuals, cotangent):
   """Each output's gradient written once: objectness everywhere, the rest at candidate rows."""
   del image_hw
-  outputs, slots, gradients = residuals
+  outputs, sigmoids, slots, gradients = residuals
   levels = config.num_levels
   num_classes = config.num_classes
   flat_index = _flat_cells(slots, grids, config)
@@ -306,8 +310,8 @@ def _loss_parts_backward(grids, image_hw, config, residuals, cotangent):
       out = outputs[head * levels + level]
       batch, anchors, grid_h, grid_w, features = out.shape
       weight = config.balance[level] / (batch * anchors * grid_h * grid_w)
-      x = out[..., 4].astype(jnp.float32)
-      full = jnp.zeros(out.shape, jnp.float32).at[..., 4].set(obj * weight * jax.nn.sigmoid(x))
+      sigmoid = sigmoids[head * levels + level]
+      full = jnp.zeros(out.shape, jnp.float32).at[..., 4].set(obj * weight * sigmoid)
       full = full.reshape(batch, anchors * grid_h * grid_w, features)
       rows = gradients[head][:, level * per_level : (level + 1) * per_level] * scale
       full = full.at[jnp.arange(batch)[:, None], flat_index[level]].add(rows)

@@ -41,7 +41,12 @@ def setup(tmp_path_factory):
     'train': {'epochs': 3, 'batch_size': 8, 'image_size': 128, 'loader_threads': 1},
     'eval': {'batch_size': 16},
     'augment': {'enabled': False},
-    'recipe': {'lr0': 0.01, 'warmup_epochs': 0.0, 'min_warmup_steps': 4},
+    # The demo's peak rate: at 0.01, 12 steps from scratch barely move the loss.
+    'recipe': {
+      'lr0': 0.04,
+      'warmup_epochs': 0.0,
+      'min_warmup_steps': 4,
+    },
     'checkpoint': {'save_every': 2, 'keep_last': 3},
     'log': {'progress': False, 'plots': True, 'tensorboard': True},
   }
@@ -86,7 +91,9 @@ def test_compiles_once_and_loss_decreases(setup, straight):
   assert straight.steps == STEPS
   losses = [row['loss'] for row in report.read_rows(base / 'straight' / 'steps.csv')]
   assert len(losses) == STEPS and all(np.isfinite(losses))
-  assert np.mean(losses[-4:]) < 0.9 * np.mean(losses[:4])
+  # Medians: the per-level means make single batches jump when a level gains or loses
+  # its only positive.
+  assert np.median(losses[-4:]) < 0.9 * np.median(losses[:4])
 
 
 def test_outputs_of_a_run(setup, straight):
