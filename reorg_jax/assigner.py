@@ -230,34 +230,54 @@ def decode_pixels(
   return box_lib.cxcywh_to_xyxy(jnp.concatenate([pred_xy, pred_wh], axis=-1))
 
 
-def class_tables(preds: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Per-slot parts of the SimOTA class cost.
+def _class_score(cls_logit: jax.Array, obj_logit: jax.Array) -> jax.Array:
+  """``y = sqrt(sigmoid(cls) * sigmoid(obj))``, kept inside ``[tiny, 1 - 2**-24]``."""
+  y = jnp.sqrt(jax.nn.sigmoid(cls_logit) * jax.nn.sigmoid(obj_logit))
+  return jnp.clip(y, _TINY, _BELOW_ONE)
+
+
+def class_total(preds: jax.Array) -> jax.Array:
+  """``[B, N]`` per-slot part of the SimOTA class cost, ``-sum_c log(1 - y_c)``.
 
   With ``y = sqrt(sigmoid(cls) * sigmoid(obj))`` upstream takes the
   BCE-with-logits of ``z = log(y / (1 - y))`` against the one-hot class,
   summed over classes. Since ``softplus(z) = -log(1 - y)``, that sum is
-  ``-sum_c log(1 - y_c) - z_class``: a per-slot total and one logit read at
-  the box's class, so no ``[M, N, C]`` tensor is ever formed. ``y`` is kept
-  inside ``[tiny, 1 - 2**-24]`` so that saturated logits give a large finite
-  cost where upstream gets inf or NaN.
+  ``-sum_c log(1 - y_c) - z_class``: this per-slot total minus one logit at
+  the box's class (:func:`class_logits_at`), so no ``[M, N, C]`` tensor is
+  ever formed. ``y`` is kept inside ``[tiny, 1 - 2**-24]`` so that saturated
+  logits give a large finite cost where upstream gets inf or NaN.
 
   Args:
     preds: ``[B, N, 5 + C]`` raw logits.
-
-  Returns:
-    ``total`` (``[B, N]``, ``-sum_c log(1 - y_c)``) and ``logit``
-    (``[B, N, C]``, ``z``).
   """
-  y = jnp.sqrt(jax.nn.sigmoid(preds[..., 5:]) * jax.nn.sigmoid(preds[..., 4:5]))  # [B, N, C]
-  y = jnp.clip(y, _TINY, _BELOW_ONE)
-  log_not_y = jnp.log1p(-y)
-  return -jnp.sum(log_not_y, axis=-1), jnp.log(y) - log_not_y
+  return -jnp.sum(jnp.log1p(-_class_score(preds[..., 5:], preds[..., 4:5])), axis=-1)
+
+
+def class_logits_at(preds: jax.Array, classes: jax.Array) -> jax.Array:
+  """``[B, M, N]`` logit ``z = log(y / (1 - y))`` of every slot at every box's class.
+
+  Evaluated at the ``M`` picked logits when there are fewer boxes than
+  classes, otherwise on the ``[B, N, C]`` table and then picked; both give the
+  same numbers.
+
+  Args:
+    preds: ``[B, N, 5 + C]`` raw logits.
+    classes: ``[B, M]`` int32 class of each box.
+  """
+  num_classes = preds.shape[-1] - 5
+  if classes.shape[1] < num_classes:
+    picked = jax.vmap(lambda p, c: p[:, 5 + c])(preds, classes)  # [B, N, M]
+    y = _class_score(jnp.swapaxes(picked, 1, 2), preds[:, None, :, 4])  # [B, M, N]
+    return jnp.log(y) - jnp.log1p(-y)
+  y = _class_score(preds[..., 5:], preds[..., 4:5])  # [B, N, C]
+  table = jnp.log(y) - jnp.log1p(-y)
+  return jax.vmap(lambda t, c: t[:, c])(table, classes).swapaxes(1, 2)  # [B, M, N]
 
 
 def pair_scores(
   pred_xyxy: jax.Array,
   total: jax.Array,
-  logit: jax.Array,
+  class_logit: jax.Array,
   live: jax.Array,
   targets: Targets,
   image_hw: tuple[int, int],
@@ -267,7 +287,8 @@ def pair_scores(
 
   Args:
     pred_xyxy: ``[B, N, 4]`` decoded predictions in pixels.
-    total, logit: :func:`class_tables` of the same slots.
+    total: ``[B, N]`` :func:`class_total` of the same slots.
+    class_logit: ``[B, M, N]`` :func:`class_logits_at` the boxes' classes.
     live: ``[B, N]`` the slot is a candidate.
     targets: ``[B, M, ...]`` boxes.
     image_hw: ``(H, W)``; boxes are scaled by ``W`` in x and ``H`` in y.
@@ -282,9 +303,7 @@ def pair_scores(
   true_xyxy = box_lib.cxcywh_to_xyxy(targets.boxes.astype(jnp.float32) * scale)  # [B, M, 4]
   pair = targets.valid[:, :, None] & live[:, None, :]  # [B, M, N]
   iou = jnp.where(pair, box_lib.iou_xyxy(true_xyxy, pred_xyxy), 0.0)
-  pick = jax.vmap(lambda values, c: values[c])  # [C, N] rows by [M] classes -> [M, N]
-  class_cost = total[:, None, :] - pick(jnp.swapaxes(logit, 1, 2), targets.classes)
-  cost = class_cost + config.iou_cost_weight * -jnp.log(iou + 1e-8)
+  cost = total[:, None, :] - class_logit + config.iou_cost_weight * -jnp.log(iou + 1e-8)
   return iou, jnp.where(pair, cost, jnp.inf)
 
 
@@ -333,8 +352,9 @@ def candidate_costs(
   gj, gi, live = find_candidates(targets, grids, config, coarse=coarse)
   preds = gather_cells(lead, anchor, gj, gi).astype(jnp.float32)  # [B, K, 5 + C]
   pred_xyxy = decode_pixels(preds, gj, gi, jnp.asarray(stride), jnp.asarray(anchor_wh))
-  total, logit = class_tables(preds)
-  iou, cost = pair_scores(pred_xyxy, total, logit, live, targets, image_hw, config)
+  total = class_total(preds)
+  class_logit = class_logits_at(preds, targets.classes)
+  iou, cost = pair_scores(pred_xyxy, total, class_logit, live, targets, image_hw, config)
   return CandidateCosts(gj=gj, gi=gi, live=live, iou=iou, cost=cost)
 
 
@@ -398,7 +418,7 @@ def assign(
   3. ``cost[m, k] = BCE(sqrt(sigmoid(cls) * sigmoid(obj)), one-hot) +
      3 * -log(iou + 1e-8)``, the class part computed as
      ``sum_c softplus(z_c) - z_class`` with ``z`` the logit of the geometric
-     mean (:func:`class_tables`), so no ``[M, K, C]`` tensor is formed;
+     mean (:func:`class_total`, :func:`class_logits_at`), so no ``[M, K, C]`` tensor is formed;
   4. box ``m`` selects its ``dynamic_k[m]`` cheapest slots (equal costs: the
      lower slot first);
   5. a slot selected by several boxes goes to the box of lowest cost over

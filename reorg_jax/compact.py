@@ -171,20 +171,16 @@ def rows_at(
   anchor = jnp.asarray(anchor_of)[slot]
   gj, gi = rows_of(slots.gj, slot), rows_of(slots.gi, slot)
   batch, places = slot.shape
-  rows = jnp.zeros((batch, places, outputs[0].shape[-1]), outputs[0].dtype)
-  batch_index = jnp.arange(batch)[:, None]
+  first_row, tables = 0, []
+  start = jnp.zeros_like(level)
   for index, out in enumerate(outputs):
     _, anchors, grid_h, grid_w, features = out.shape
     mine = level == index
-    # Slots of other levels all read row 0, which stays in cache, and are not written.
-    flat = jnp.where(mine, (anchor * grid_h + gj) * grid_w + gi, 0)
-    table = out.reshape(batch, anchors * grid_h * grid_w, features)
-    level_rows = jnp.take_along_axis(table, flat[..., None], axis=1)  # [B, N, F]
-    # A scatter, not a select: its result is materialised once instead of the
-    # gathers being repeated inside every consumer.
-    place = jnp.where(mine, jnp.arange(places), places)
-    rows = rows.at[batch_index, place].set(level_rows, mode='drop')
-  return rows
+    start = jnp.where(mine, first_row + (anchor * grid_h + gj) * grid_w + gi, start)
+    tables.append(out.reshape(batch, anchors * grid_h * grid_w, features))
+    first_row += anchors * grid_h * grid_w
+  table = jnp.concatenate(tables, axis=1)
+  return jnp.take_along_axis(table, start[..., None], axis=1, mode='promise_in_bounds')
 
 
 def assign_packed(
@@ -223,8 +219,9 @@ def assign_packed(
     jnp.asarray(stride)[slot],
     jnp.asarray(anchor_wh)[slot],
   )
-  total, logit = assigner.class_tables(preds)
-  iou, cost = assigner.pair_scores(pred_xyxy, total, logit, filled, targets, image_hw, config)
+  total = assigner.class_total(preds)
+  class_logit = assigner.class_logits_at(preds, targets.classes)
+  iou, cost = assigner.pair_scores(pred_xyxy, total, class_logit, filled, targets, image_hw, config)
   positive, gt, dynamic_k = assigner.simota(iou, cost, filled, targets.valid, config)
   coarse = PackedAssignment(
     slot=slot,

@@ -59,6 +59,11 @@ class LossConfig:
       the smallest of these fractions of all ``K`` slots that holds the batch's
       fullest image (``K`` itself when none does); a speed setting only, the
       result does not depend on it.
+    batch_groups: the batch is split into this many contiguous image groups
+      (at most ``B``), each packed and assigned on its own capacity. Groups are
+      independent, so XLA can run them in parallel; on a CPU, where each
+      capacity branch runs on one core, about the core count is fastest. A
+      speed setting only: the result does not depend on it.
   """
 
   num_classes: int
@@ -77,6 +82,7 @@ class LossConfig:
   iou_cost_weight: float = 3.0
   dynamic_k_candidates: int = 20
   capacity_fractions: tuple[float, ...] = (0.0625, 0.125, 0.1875, 0.3125, 0.5)
+  batch_groups: int = 2
 
   def __post_init__(self):
     if self.num_classes < 1:
@@ -96,6 +102,8 @@ class LossConfig:
       raise ValueError(f'anchors must be positive (w, h) pairs, got {self.anchors}')
     if not all(0 < f < 1 for f in self.capacity_fractions):
       raise ValueError(f'capacity_fractions must lie in (0, 1), got {self.capacity_fractions}')
+    if self.batch_groups < 1:
+      raise ValueError(f'batch_groups must be >= 1, got {self.batch_groups}')
     if self.dynamic_k_candidates < 1:
       raise ValueError(f'dynamic_k_candidates must be >= 1, got {self.dynamic_k_candidates}')
 

@@ -22,8 +22,10 @@ The auxiliary head's three terms enter with weight ``aux_weight`` (0.25).
 Sums over levels are multiplied by the ``box``/``obj``/``cls`` gains and the
 total by the batch size, as upstream does.
 
-How it is computed: the assignment runs on packed live slots
-(:mod:`reorg_jax.compact`), and so do the box and class terms. The objectness
+How it is computed: the batch is cut into ``LossConfig.batch_groups`` image
+groups; in each, the assignment runs on packed live slots
+(:mod:`reorg_jax.compact`), and so do the box and class terms, summed per
+level. The per-level means are taken over the whole batch. The objectness
 BCE is split as ``BCE(x, t) = softplus(x) + t * ((pw - 1) * softplus(-x) - x)``:
 a dense sum of ``softplus`` over every cell, plus a correction at the
 positives, so no dense target grid is built.
@@ -66,28 +68,39 @@ def _level_sums(values: jax.Array, level: jax.Array, num_levels: int) -> jax.Arr
   return jnp.sum(jnp.where(one_hot, values[..., None], 0.0), axis=(0, 1))
 
 
-def _class_bce_sums(logits: jax.Array, true_class: jax.Array, config: LossConfig) -> jax.Array:
+def _class_bce_sums(
+  rows: jax.Array, place: jax.Array, true_class: jax.Array, config: LossConfig
+) -> jax.Array:
   """``[B, N]`` class BCE summed over classes, against the smoothed one-hot class.
 
   With targets ``t_c`` equal to ``cn`` except ``cp`` at the true class and
   ``pw = cls_pw``, ``BCE = (1 + (pw - 1) t) softplus(x) - pw t x``; the class
-  sum needs only ``sum softplus``, ``sum x`` and the true class's logit.
+  sum needs only ``sum softplus`` and ``sum x`` of each row and the true
+  class's logit.
+
+  Args:
+    rows: ``[B, R, 5 + C]`` head outputs.
+    place: ``[B, N]`` row of each entry.
+    true_class: ``[B, N]`` class of each entry's box.
+    config: ``label_smoothing`` and ``cls_pw``.
   """
   smooth = config.label_smoothing
   high, low = 1.0 - 0.5 * smooth, 0.5 * smooth
   pw = config.cls_pw
-  positive_part = softplus(logits)  # [B, N, C]
-  true_logit = jnp.take_along_axis(logits, true_class[..., None], axis=-1)[..., 0]
-  true_softplus = jnp.take_along_axis(positive_part, true_class[..., None], axis=-1)[..., 0]
+  rows_of = jax.vmap(lambda values, index: values[index])  # [R] by [N] -> [N]
+  logits = rows[..., 5:]
+  softplus_sum = rows_of(jnp.sum(softplus(logits), axis=-1), place)  # [B, N]
+  logit_sum = rows_of(jnp.sum(logits, axis=-1), place)
+  true_logit = jax.vmap(lambda values, row, c: values[row, c])(logits, place, true_class)
   return (
-    (1.0 + (pw - 1.0) * low) * jnp.sum(positive_part, axis=-1)
-    + (pw - 1.0) * (high - low) * true_softplus
-    - pw * (low * jnp.sum(logits, axis=-1) + (high - low) * true_logit)
+    (1.0 + (pw - 1.0) * low) * softplus_sum
+    + (pw - 1.0) * (high - low) * softplus(true_logit)
+    - pw * (low * logit_sum + (high - low) * true_logit)
   )
 
 
 def _head_terms(
-  preds: jax.Array,
+  rows: jax.Array,
   packed: compact.PackedAssignment,
   slots: compact.HeadSlots,
   targets: Targets,
@@ -97,8 +110,9 @@ def _head_terms(
   """Per-level sums of one head's loss terms at its packed positives.
 
   Args:
-    preds: ``[B, N, F]`` the head's outputs at the packed slots' cells.
-    packed: the head's ``[B, N]`` assignment.
+    rows: ``[B, N, F]`` the head's outputs at the packed coarse slots' cells.
+    packed: the head's ``[B, N]`` assignment; ``packed.place`` is the row of
+      each entry.
     slots: candidate cells.
     targets: ``[B, M, ...]`` boxes.
     grids: ``L`` grid shapes.
@@ -122,6 +136,7 @@ def _head_terms(
   grid_h, grid_w = jnp.asarray(grid[:, 0])[level], jnp.asarray(grid[:, 1])[level]
   gj, gi = rows_of(slots.gj, packed.source), rows_of(slots.gi, packed.source)
   positive = packed.positive & packed.filled
+  preds = rows_of(rows[..., :5], packed.place)  # [B, N, 5]
 
   pred_xy = jax.nn.sigmoid(preds[..., :2]) * 2.0 - 0.5
   pred_wh = (jax.nn.sigmoid(preds[..., 2:4]) * 2.0) ** 2 * jnp.asarray(anchor_wh)[packed.slot]
@@ -136,7 +151,7 @@ def _head_terms(
   }
   if config.num_classes > 1:
     true_class = rows_of(targets.classes, packed.gt)
-    bce = _class_bce_sums(preds[..., 5:], true_class, config)
+    bce = _class_bce_sums(rows, packed.place, true_class, config)
     terms['cls'] = _level_sums(jnp.where(positive, bce, 0.0), level, levels)
   else:
     terms['cls'] = jnp.zeros((levels,), jnp.float32)
@@ -158,35 +173,10 @@ def _head_terms(
   return terms
 
 
-def _head_parts(
-  preds: jax.Array,
-  packed: compact.PackedAssignment,
-  slots: compact.HeadSlots,
-  targets: Targets,
-  grids: tuple[tuple[int, int], ...],
-  config: LossConfig,
-) -> jax.Array:
-  """``[3]``: one head's box term, objectness correction and class term.
-
-  Box and class are means over each level's positives (0 for a level without
-  any) summed over levels; the objectness correction is already divided by the
-  level's cell count and weighted by ``balance``. Gains and the auxiliary
-  weight come later.
-  """
-  terms = _head_terms(preds, packed, slots, targets, grids, config)
-  cells = np.asarray([config.num_anchors * h * w for h, w in grids], np.float32)
-  cells = cells * preds.shape[0]
-  count = jnp.maximum(terms['positives'], 1.0)
-  return jnp.stack(
-    [
-      jnp.sum(terms['box'] / count),
-      jnp.sum(np.asarray(config.balance, np.float32) * terms['obj'] / cells),
-      jnp.sum(terms['cls'] / (count * config.num_classes)),
-    ]
-  )
+_TERMS = ('box', 'positives', 'cls', 'obj')
 
 
-def _sparse_parts(
+def _group_terms(
   outputs: Sequence[jax.Array],
   slots: compact.HeadSlots,
   targets: Targets,
@@ -194,42 +184,81 @@ def _sparse_parts(
   image_hw: tuple[int, int],
   config: LossConfig,
   *,
+  images: slice,
   capacity: int,
   with_gradient: bool,
 ):
-  """Both heads' :func:`_head_parts` (``[2, 3]``) on packed slots of ``capacity``.
+  """Both heads' per-level loss sums over a group of images, on packed slots.
 
-  With ``with_gradient``, also the gradient of each head's three parts with
-  respect to its rows at all ``K`` slots (``2 x [B, K, F]``). The parts touch
-  disjoint channels (box: 0-3, objectness: 4, class: 5 on), so one array per
-  head carries all three.
+  Args:
+    outputs: the ``2L`` head outputs of the whole batch.
+    slots, targets: candidates and boxes of the whole batch.
+    grids, image_hw, config: as in :func:`aux_ota_loss`.
+    images: static batch slice of the group (``G`` images); the group is cut
+      out here, inside the caller's branch, so no output is copied.
+    capacity: ``N``, at least the group's largest live slot count.
+    with_gradient: also return gradients.
+
+  Returns:
+    ``terms`` (``[2, 4, L]``: lead and auxiliary x :data:`_TERMS` x levels,
+    unweighted sums) and, with ``with_gradient``, each head's gradient of its
+    ``sum(box) + sum(obj) + sum(cls)`` with respect to its rows at all ``K``
+    slots (``2 x [G, K, F]``). The three sums touch disjoint channels (box:
+    0-3, objectness: 4, class: 5 on), so their per-level weights can be
+    applied to the gradient later, channel by channel.
   """
   levels = config.num_levels
+  outputs = [out[images] for out in outputs]
+  slots = jax.tree.map(lambda x: x[images], slots)
+  targets = jax.tree.map(lambda x: x[images], targets)
   lead, aux = outputs[:levels], outputs[levels:]
   slot, filled = compact.pack(slots.live, capacity)
-  lead_preds = compact.rows_at(lead, slot, slots, config).astype(jnp.float32)  # [B, N, F]
+  lead_preds = compact.rows_at(lead, slot, slots, config).astype(jnp.float32)  # [G, N, F]
   fine, coarse = compact.assign_packed(lead_preds, slot, filled, slots, targets, image_hw, config)
-  rows_of = jax.vmap(lambda values, index: values[index])  # [N, F] by [N] -> [N, F]
   aux_preds = compact.rows_at(aux, slot, slots, config).astype(jnp.float32)
-  parts, gradients = [], []
-  for preds, packed in ((rows_of(lead_preds, fine.place), fine), (aux_preds, coarse)):
+  terms, gradients = [], []
+  # Both heads read their rows at the coarse places: the fine head's entries
+  # point into them through ``place``, so its gradient lands on coarse slots.
+  for rows, packed in ((lead_preds, fine), (aux_preds, coarse)):
 
-    def head_parts(preds, packed=packed):
-      return _head_parts(preds, packed, slots, targets, grids, config)
+    def head_sums(rows, packed=packed):
+      head = _head_terms(rows, packed, slots, targets, grids, config)
+      total = jnp.sum(head['box']) + jnp.sum(head['obj']) + jnp.sum(head['cls'])
+      return total, jnp.stack([head[name] for name in _TERMS])
 
     if not with_gradient:
-      parts.append(head_parts(preds))
+      terms.append(head_sums(rows)[1])
       continue
-    value, pullback = jax.vjp(head_parts, preds)
-    (gradient,) = pullback(jnp.ones_like(value))  # [B, N, F]
+    _, pullback, head = jax.vjp(head_sums, rows, has_aux=True)
+    (gradient,) = pullback(jnp.ones((), jnp.float32))  # [G, N, F]
     batch, num_slots = slots.live.shape
     full = jnp.zeros((batch, num_slots, gradient.shape[-1]), gradient.dtype)
-    full = full.at[jnp.arange(batch)[:, None], packed.source].add(
-      jnp.where(packed.filled[..., None], gradient, 0.0)
+    full = full.at[jnp.arange(batch)[:, None], slot].add(
+      jnp.where(filled[..., None], gradient, 0.0)
     )
-    parts.append(value)
+    terms.append(head)
     gradients.append(full)
-  return jnp.stack(parts), gradients
+  return jnp.stack(terms), gradients
+
+
+def _batch_groups(batch: int, config: LossConfig) -> list[slice]:
+  """Contiguous, static image groups: ``config.batch_groups`` of them, at most ``B``."""
+  groups = min(config.batch_groups, batch)
+  bounds = [batch * g // groups for g in range(groups + 1)]
+  return [slice(start, stop) for start, stop in zip(bounds[:-1], bounds[1:], strict=True)]
+
+
+def _level_weights(terms: jax.Array, batch: int, grids, config: LossConfig) -> jax.Array:
+  """``[2, 3, L]`` weight of each head's (box, obj, cls) sum at each level.
+
+  Box and class are means over the level's positives (0 for a level without
+  any; class also over classes), the objectness correction is divided by the
+  level's cell count and weighted by ``balance``.
+  """
+  cells = np.asarray([config.num_anchors * h * w * batch for h, w in grids], np.float32)
+  count = jnp.maximum(terms[:, _TERMS.index('positives')], 1.0)  # [2, L]
+  obj = jnp.broadcast_to(np.asarray(config.balance, np.float32) / cells, count.shape)
+  return jnp.stack([1.0 / count, obj, 1.0 / (count * config.num_classes)], axis=1)
 
 
 def _flat_cells(slots: compact.HeadSlots, grids, config: LossConfig) -> list[jax.Array]:
@@ -274,30 +303,43 @@ def _dense_objectness(outputs, grids, config: LossConfig) -> tuple[jax.Array, li
 
 def _loss_parts_forward(outputs, slots, targets, grids, image_hw, config, with_gradient=True):
   ladder = compact.capacities(slots.live.shape[1], config)
-  branches = [
-    functools.partial(
-      _sparse_parts,
-      grids=grids,
-      image_hw=image_hw,
-      config=config,
-      capacity=capacity,
-      with_gradient=with_gradient,
-    )
-    for capacity in ladder
-  ]
-  sparse, gradients = jax.lax.switch(
-    compact.capacity_index(slots.live, ladder), branches, outputs, slots, targets
-  )
+  batch = outputs[0].shape[0]
+  terms, gradients = [], [[], []]
+  # One capacity switch per image group: the groups are independent, so the
+  # runtime can execute them side by side (XLA:CPU runs each branch on one core).
+  for images in _batch_groups(batch, config):
+    branches = [
+      functools.partial(
+        _group_terms,
+        grids=grids,
+        image_hw=image_hw,
+        config=config,
+        images=images,
+        capacity=capacity,
+        with_gradient=with_gradient,
+      )
+      for capacity in ladder
+    ]
+    index = compact.capacity_index(slots.live[images], ladder)
+    group_terms, group_gradients = jax.lax.switch(index, branches, outputs, slots, targets)
+    terms.append(group_terms)
+    for head, gradient in enumerate(group_gradients):
+      gradients[head].append(gradient)
+  terms = sum(terms[1:], terms[0])  # [2, 4, L]
+  weights = _level_weights(terms, batch, grids, config)  # [2, 3, L]
+  sums = terms[:, [_TERMS.index('box'), _TERMS.index('obj'), _TERMS.index('cls')]]
+  sparse = jnp.sum(weights * sums, axis=-1)  # [2, 3]
   dense, sigmoids = _dense_objectness(outputs, grids, config)
   if not with_gradient:
-    sigmoids = None
-  return sparse + dense, (outputs, sigmoids, slots, gradients)
+    return sparse + dense, None
+  gradients = [jnp.concatenate(head, axis=0) for head in gradients]  # 2 x [B, K, F]
+  return sparse + dense, (outputs, sigmoids, slots, gradients, weights)
 
 
 def _loss_parts_backward(grids, image_hw, config, residuals, cotangent):
   """Each output's gradient written once: objectness everywhere, the rest at candidate rows."""
   del image_hw
-  outputs, sigmoids, slots, gradients = residuals
+  outputs, sigmoids, slots, gradients, weights = residuals
   levels = config.num_levels
   num_classes = config.num_classes
   flat_index = _flat_cells(slots, grids, config)
@@ -305,8 +347,11 @@ def _loss_parts_backward(grids, image_hw, config, residuals, cotangent):
   result = []
   for head in range(2):
     box, obj, cls = cotangent[head, 0], cotangent[head, 1], cotangent[head, 2]
-    scale = jnp.concatenate([jnp.full((4,), box), obj[None], jnp.full((num_classes,), cls)])
     for level in range(levels):
+      box_w, obj_w, cls_w = (weights[head, part, level] for part in range(3))
+      scale = jnp.concatenate(
+        [jnp.full((4,), box * box_w), (obj * obj_w)[None], jnp.full((num_classes,), cls * cls_w)]
+      )
       out = outputs[head * levels + level]
       batch, anchors, grid_h, grid_w, features = out.shape
       weight = config.balance[level] / (batch * anchors * grid_h * grid_w)

@@ -112,13 +112,24 @@ def test_capacity_ladder():
   assert compact.capacities(60, dataclasses.replace(config, capacity_fractions=())) == (60,)
   with pytest.raises(ValueError, match='capacity_fractions'):
     dataclasses.replace(config, capacity_fractions=(0.5, 1.0))
+  with pytest.raises(ValueError, match='batch_groups'):
+    dataclasses.replace(config, batch_groups=0)
 
 
-def test_loss_and_gradient_do_not_depend_on_the_capacity():
+@pytest.mark.parametrize(
+  'setting',
+  [
+    {'capacity_fractions': ()},
+    {'capacity_fractions': (0.999,)},
+    {'batch_groups': 1},
+    {'batch_groups': 3},  # uneven groups of 1, 1 and 2 images
+    {'batch_groups': 7},  # more groups than images: one image each
+  ],
+)
+def test_loss_and_gradient_do_not_depend_on_speed_settings(setting):
   config, targets, outputs = scene(5, [12, 3, 0, 9], num_classes=3)
   results = []
-  for fractions in (config.capacity_fractions, (), (0.999,)):
-    cfg = dataclasses.replace(config, capacity_fractions=fractions)
+  for cfg in (config, dataclasses.replace(config, **setting)):
     fn = jax.jit(jax.value_and_grad(reorg_jax.aux_ota_loss, has_aux=True), static_argnums=(2, 3))
     results.append(fn(outputs, targets, HW, cfg))
   (loss, parts), grads = results[0]
