@@ -1,3 +1,19 @@
-"""Shared pytest setup: the reference implementation's torchvision stand-in."""
+"""Shared pytest setup: the reference implementation's torchvision stand-in, and
+dropping compiled code between test modules."""
 
+import jax
 import oracle  # noqa: F401  (registers the torchvision stand-in before any test imports sas_yolov7)
+import pytest
+
+
+@pytest.fixture(autouse=True, scope='module')
+def _drop_compiled_code():
+  """Clears JAX's compilation caches after each test module.
+
+  Every XLA:CPU executable keeps its machine code in memory mappings until it is
+  dropped. One session compiles hundreds of executables (the oracle tests alone
+  leave about 22,000 mappings), and past the kernel's ``vm.max_map_count``
+  (65,530 by default) the next compilation aborts the process.
+  """
+  yield
+  jax.clear_caches()
