@@ -154,6 +154,27 @@ class PackedAssignment:
     return positive, gt
 
 
+def cell_index(
+  level: jax.Array,
+  anchor: jax.Array,
+  gj: jax.Array,
+  gi: jax.Array,
+  grids: Sequence[tuple[int, int]],
+  num_anchors: int,
+) -> jax.Array:
+  """Row of each cell in one image's ``L`` levels of ``[A, H_l, W_l]`` cells, concatenated.
+
+  All arguments but the static ``grids`` and ``num_anchors`` are int arrays of
+  one shape (level ``l``, anchor ``a``, cell ``gj, gi``); the row is
+  ``first_row[l] + (a * H_l + gj) * W_l + gi``.
+  """
+  grid = np.asarray(grids, np.int32)  # [L, 2] (H, W)
+  cells = num_anchors * grid[:, 0] * grid[:, 1]
+  first_row = np.concatenate([[0], np.cumsum(cells)[:-1]]).astype(np.int32)
+  grid_h, grid_w = jnp.asarray(grid[:, 0])[level], jnp.asarray(grid[:, 1])[level]
+  return jnp.asarray(first_row)[level] + (anchor * grid_h + gj) * grid_w + gi
+
+
 def rows_at(
   outputs: Sequence[jax.Array], slot: jax.Array, slots: HeadSlots, config: LossConfig
 ) -> jax.Array:
@@ -170,16 +191,10 @@ def rows_at(
   level = jnp.asarray(level_of)[slot]  # [B, N]
   anchor = jnp.asarray(anchor_of)[slot]
   gj, gi = rows_of(slots.gj, slot), rows_of(slots.gi, slot)
-  batch, places = slot.shape
-  first_row, tables = 0, []
-  start = jnp.zeros_like(level)
-  for index, out in enumerate(outputs):
-    _, anchors, grid_h, grid_w, features = out.shape
-    mine = level == index
-    start = jnp.where(mine, first_row + (anchor * grid_h + gj) * grid_w + gi, start)
-    tables.append(out.reshape(batch, anchors * grid_h * grid_w, features))
-    first_row += anchors * grid_h * grid_w
-  table = jnp.concatenate(tables, axis=1)
+  grids = [out.shape[2:4] for out in outputs]
+  start = cell_index(level, anchor, gj, gi, grids, config.num_anchors)  # [B, N]
+  # XLA fuses the concatenation into the gather, so no output is copied.
+  table = jnp.concatenate([out.reshape(out.shape[0], -1, out.shape[-1]) for out in outputs], axis=1)
   return jnp.take_along_axis(table, start[..., None], axis=1, mode='promise_in_bounds')
 
 

@@ -128,8 +128,7 @@ def _head_terms(
   level_of, anchor_of = assigner.slot_layout(config, targets.max_boxes)
   _, anchor_wh = assigner.slot_geometry(config, targets.max_boxes)
   grid = np.asarray(grids, np.int32)  # [L, 2] (H, W)
-  cells = config.num_anchors * grid[:, 0] * grid[:, 1]
-  first_cell = np.concatenate([[0], np.cumsum(cells)[:-1]]).astype(np.int32)
+  num_cells = int(np.sum(config.num_anchors * grid[:, 0] * grid[:, 1]))
 
   level = jnp.asarray(level_of)[packed.slot]  # [B, N]
   anchor = jnp.asarray(anchor_of)[packed.slot]
@@ -160,11 +159,11 @@ def _head_terms(
   # anchor). Upstream's indexed write leaves the order unspecified; on CPU the
   # last write wins. Here the rule is explicit: the last positive in slot order.
   batch, places = positive.shape
-  flat_cell = jnp.asarray(first_cell)[level] + (anchor * grid_h + gj) * grid_w + gi  # [B, N]
+  flat_cell = compact.cell_index(level, anchor, gj, gi, grids, config.num_anchors)  # [B, N]
   order = jnp.where(positive, jnp.arange(places), -1)
   rows = jnp.arange(batch)[:, None]
-  last = jnp.full((batch, int(cells.sum()) + 1), -1, jnp.int32)
-  last = last.at[rows, jnp.where(positive, flat_cell, int(cells.sum()))].max(order)
+  last = jnp.full((batch, num_cells + 1), -1, jnp.int32)
+  last = last.at[rows, jnp.where(positive, flat_cell, num_cells)].max(order)
   writes = positive & (last[rows, flat_cell] == order)
   value = (1.0 - config.gr) + config.gr * jnp.clip(jax.lax.stop_gradient(ciou), 0)
   logit = preds[..., 4]
