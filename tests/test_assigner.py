@@ -14,11 +14,19 @@ import reorg_jax
 from reorg_jax import assigner, testing
 
 HW = (320, 320)
+# The loss's speed settings at their simplest: one image group, no capacity ladder, so each
+# loss compiles one branch instead of twelve. The result does not depend on them
+# (tests/test_compact.py checks that), and the default ladder runs in the tracing test here.
+FLAT = {'capacity_fractions': (), 'batch_groups': 1}
+
+# One jitted loss for the property tests: it compiles once per scene shape and configuration
+# (``test_jit_equals_eager`` compares it with the eager loss).
+loss_fn = jax.jit(reorg_jax.aux_ota_loss, static_argnums=(2, 3))
 
 
 def scene(seed, counts, *, num_classes=5, max_boxes=12, image_hw=HW):
   rng = np.random.default_rng(seed)
-  config = reorg_jax.LossConfig.p6(num_classes)
+  config = reorg_jax.LossConfig.p6(num_classes, **FLAT)
   labels = testing.random_labels(
     rng, boxes_per_image=counts, num_classes=num_classes, image_hw=image_hw
   )
@@ -93,8 +101,8 @@ def test_padding_is_never_matched_and_never_read():
     assert not (positive & ~np.asarray(a.candidate)).any()
     assert not positive[2].any(), 'an empty image has no positive'
     np.testing.assert_array_equal(np.asarray(a.dynamic_k)[~np.asarray(targets.valid)], 0)
-  loss_a = reorg_jax.aux_ota_loss(outputs, targets, HW, config)
-  loss_b = reorg_jax.aux_ota_loss(outputs, garbage, HW, config)
+  loss_a = loss_fn(outputs, targets, HW, config)
+  loss_b = loss_fn(outputs, garbage, HW, config)
   chex.assert_trees_all_equal(loss_a, loss_b)
 
 
@@ -119,7 +127,7 @@ def test_jit_equals_eager(coarse):
   )
   chex.assert_trees_all_equal(eager, jitted)
   loss_eager = reorg_jax.aux_ota_loss(outputs, targets, HW, config)
-  loss_jit = jax.jit(reorg_jax.aux_ota_loss, static_argnums=(2, 3))(outputs, targets, HW, config)
+  loss_jit = loss_fn(outputs, targets, HW, config)
   chex.assert_trees_all_close(loss_eager, loss_jit, rtol=1e-6)
 
 
@@ -145,19 +153,19 @@ def test_assignment_carries_no_gradient_and_aux_enters_the_loss():
   for g in jax.grad(iou_sum)(outputs[:4]):
     assert not np.asarray(g).any()
 
-  grads = jax.grad(lambda o: reorg_jax.aux_ota_loss(o, targets, HW, config)[0])(outputs)
+  grads = jax.jit(jax.grad(lambda o: reorg_jax.aux_ota_loss(o, targets, HW, config)[0]))(outputs)
   assert all(np.isfinite(np.asarray(g)).all() for g in grads)
   assert all(np.abs(np.asarray(g)).sum() > 0 for g in grads[4:]), 'aux head must get gradient'
 
   # Lead-guided: the aux head's own outputs never change the assignment ...
   shifted = outputs[:4] + [o + 3.0 for o in outputs[4:]]
-  _, parts = reorg_jax.aux_ota_loss(outputs, targets, HW, config)
-  _, parts_shifted = reorg_jax.aux_ota_loss(shifted, targets, HW, config)
+  _, parts = loss_fn(outputs, targets, HW, config)
+  _, parts_shifted = loss_fn(shifted, targets, HW, config)
   assert float(parts['total']) != float(parts_shifted['total'])
   # ... and with aux_weight = 0 the aux head contributes nothing.
-  lead_only = reorg_jax.LossConfig.p6(5, aux_weight=0.0)
-  a, _ = reorg_jax.aux_ota_loss(outputs, targets, HW, lead_only)
-  b, _ = reorg_jax.aux_ota_loss(shifted, targets, HW, lead_only)
+  lead_only = dataclasses.replace(config, aux_weight=0.0)
+  a, _ = loss_fn(outputs, targets, HW, lead_only)
+  b, _ = loss_fn(shifted, targets, HW, lead_only)
   np.testing.assert_allclose(a, b, rtol=1e-6)
 
 
@@ -222,8 +230,8 @@ def test_non_square_images_scale_x_by_width():
     b = reorg_jax.assign(t_outputs[:4], t_targets, hw[::-1], mirrored, coarse=coarse)
     assert a.positive.any()
     assert positives(a) == positives(b, transposed=True)
-  loss_a, _ = reorg_jax.aux_ota_loss(outputs, targets, hw, config)
-  loss_b, _ = reorg_jax.aux_ota_loss(t_outputs, t_targets, hw[::-1], mirrored)
+  loss_a, _ = loss_fn(outputs, targets, hw, config)
+  loss_b, _ = loss_fn(t_outputs, t_targets, hw[::-1], mirrored)
   np.testing.assert_allclose(loss_a, loss_b, rtol=1e-5)
 
 
@@ -254,7 +262,7 @@ def test_config_validation():
 
 def test_single_class_has_no_class_loss():
   config, targets, outputs = scene(11, [5, 5], num_classes=1)
-  _, parts = reorg_jax.aux_ota_loss(outputs, targets, HW, config)
+  _, parts = loss_fn(outputs, targets, HW, config)
   assert float(parts['cls']) == 0.0 and float(parts['box']) > 0
 
 
