@@ -19,6 +19,19 @@ restored: opening the directory (unless ``read_only``) renames it to
 ``<step>.incomplete-<n>``, where orbax no longer sees it, and restoring skips
 it in any case.
 
+Integrity: orbax does not checksum array data, so each save records a
+SHA-256 digest of every leaf (:func:`digests`: dtype, shape and bytes) in
+``meta/``, which orbax writes before the commit marker. Restoring recomputes
+them and raises :class:`CheckpointError` naming the step and the first
+damaged leaf; a checkpoint orbax cannot read (a truncated array file, an
+emptied ``_METADATA``) raises it too. :meth:`Checkpoints.restore_latest`
+falls back to the newest checkpoint that verifies and reports the ones it
+skipped in :attr:`Restored.skipped`; a writable :class:`Checkpoints` then
+renames each skipped one to ``<step>.damaged-<n>`` (kept for inspection, out
+of orbax's sight, so the resumed run can write that step again).
+Checkpoints written without digests (by earlier versions) restore with a
+logged warning.
+
 Typed PRNG keys (``jax.random.key``) are stored as their key data
 (:func:`unwrap_keys`) and wrapped again on restore (:func:`wrap_keys`), with
 the implementation taken from the matching key in the ``like`` tree.
@@ -26,17 +39,32 @@ the implementation taken from the matching key in the ``like`` tree.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
+import gc
+import hashlib
 import json
 import logging
+import os
 import pathlib
+import re
+import sys
 from typing import Any, Literal
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-__all__ = ['Checkpoints', 'Restored', 'abstract_state', 'unwrap_keys', 'wrap_keys']
+__all__ = [
+  'CheckpointError',
+  'CheckpointWriteError',
+  'Checkpoints',
+  'Restored',
+  'abstract_state',
+  'digests',
+  'unwrap_keys',
+  'wrap_keys',
+]
 
 _log = logging.getLogger(__name__)
 
@@ -105,6 +133,155 @@ def _check_savable(state: PyTree) -> None:
       )
 
 
+class CheckpointError(RuntimeError):
+  """A checkpoint is damaged: unreadable, or its arrays do not match their digests.
+
+  Attributes:
+    step: the checkpoint's step.
+  """
+
+  def __init__(self, message: str, *, step: int):
+    super().__init__(message)
+    self.step = step
+
+
+def _host_value(leaf: Any) -> np.ndarray | None:
+  """The full value of ``leaf`` on this host, or ``None`` if no local device holds all of it."""
+  if isinstance(leaf, jax.Array):
+    if leaf.is_fully_addressable:
+      return np.asarray(leaf)
+    for shard in leaf.addressable_shards:
+      if shard.data.shape == leaf.shape:  # replicated across processes
+        return np.asarray(shard.data)
+    return None
+  return np.asarray(leaf)
+
+
+def _digest(leaf: Any) -> dict[str, str] | None:
+  value = _host_value(leaf)
+  if value is None:
+    return None
+  value = np.ascontiguousarray(value)
+  digest = hashlib.sha256(f'{value.dtype}{value.shape}'.encode())
+  digest.update(value.reshape(-1).view(np.uint8))  # hashlib releases the GIL on large buffers
+  return {'dtype': str(value.dtype), 'sha256': digest.hexdigest()}
+
+
+def digests(state: PyTree) -> dict[str, dict[str, str] | None]:
+  """The saved dtype and SHA-256 (of dtype, shape and bytes) of every leaf, by ``keystr`` path.
+
+  Typed keys are digested as their key data (what is saved). Leaves are
+  hashed in parallel threads. A leaf sharded across processes, whose full
+  value no local device holds, gets ``None`` (not verified).
+  """
+  leaves = jax.tree_util.tree_leaves_with_path(unwrap_keys(state))
+  workers = min(len(leaves), os.cpu_count() or 1) or 1
+  with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
+    values = list(pool.map(_digest, [leaf for _, leaf in leaves]))
+  return {
+    jax.tree_util.keystr(path): value for (path, _), value in zip(leaves, values, strict=True)
+  }
+
+
+class CheckpointWriteError(OSError):
+  """A checkpoint could not be written (disk full, read-only directory, ...).
+
+  ``errno`` is the operating system's error code when known; the message
+  names the step, the directory and the newest complete periodic checkpoint.
+  The partial write lies in a ``*.orbax-checkpoint-tmp`` directory, which
+  restoring never reads and the next writable :class:`Checkpoints` removes.
+  """
+
+
+_OS_ERROR_CODE = re.compile(r"os_error_code='?(\d+)")
+
+
+def _os_error(error: BaseException) -> OSError | None:
+  """The operating-system error behind ``error`` (its chain, or tensorstore's message)."""
+  seen = error
+  while seen is not None:
+    if isinstance(seen, OSError):
+      return seen
+    code = _OS_ERROR_CODE.search(str(seen))
+    if code:
+      number = int(code.group(1))
+      return OSError(number, os.strerror(number))
+    seen = seen.__cause__ or seen.__context__
+  return None
+
+
+class _WriteGuard:
+  """Turns an exception from an orbax write into :class:`CheckpointWriteError`."""
+
+  def __init__(self, owner: Checkpoints, what: str, step: int | None):
+    self.owner, self.what, self.step = owner, what, step
+
+  def __enter__(self) -> None:
+    return None
+
+  def __exit__(self, kind: Any, error: BaseException | None, _: Any) -> bool:
+    if error is None or isinstance(error, CheckpointWriteError):
+      return False
+    cause = _os_error(error)
+    if cause is None:
+      return False
+    latest = self.owner.latest_step
+    message = (
+      f'{self.what} checkpoint step {self.step} in {self.owner.directory} was not written: '
+      f'{cause.strerror or cause}; newest complete checkpoint: '
+      + ('none' if latest is None else f'step {latest}')
+    )
+    if cause.errno is None:
+      raise CheckpointWriteError(message) from error
+    raise CheckpointWriteError(cause.errno, message) from error
+
+
+def _first_line(error: BaseException, *, limit: int = 200) -> str:
+  """``'Type: first line of the message'``, cut to about ``limit`` characters."""
+  lines = str(error).strip().splitlines()
+  first = lines[0].split(' See full TensorStore details')[0] if lines else ''
+  text = f'{type(error).__name__}: {first}'
+  return text if len(text) <= limit else text[: limit - 3] + '...'
+
+
+def _drop_abandoned_reads() -> None:
+  """Collects the read coroutines a failed orbax restore leaves behind, quietly.
+
+  When one array of a restore fails, orbax closes its event loop with the
+  other reads pending; collecting them later prints an "Exception ignored"
+  traceback per array, burying the one-line error.
+  """
+  hook = sys.unraisablehook
+  sys.unraisablehook = lambda _: None
+  try:
+    gc.collect()
+  finally:
+    sys.unraisablehook = hook
+
+
+def _as_saved(target: PyTree, saved: dict[str, Any]) -> PyTree:
+  """``target`` with each array leaf's dtype replaced by the one it was saved with."""
+
+  def retype(path: Any, leaf: Any) -> Any:
+    entry = saved.get(jax.tree_util.keystr(path))
+    if not isinstance(leaf, jax.ShapeDtypeStruct) or entry is None:
+      return leaf
+    return jax.ShapeDtypeStruct(leaf.shape, jax.numpy.dtype(entry['dtype']), sharding=leaf.sharding)
+
+  return jax.tree_util.tree_map_with_path(retype, target)
+
+
+def _cast_like(tree: PyTree, target: PyTree) -> PyTree:
+  """``tree``'s array leaves cast to the dtypes of ``target`` (the caller's restore target)."""
+
+  def cast(leaf: Any, want: Any) -> Any:
+    if not isinstance(want, jax.ShapeDtypeStruct) or leaf.dtype == want.dtype:
+      return leaf
+    return leaf.astype(want.dtype)
+
+  return jax.tree.map(cast, tree, target)
+
+
 @dataclasses.dataclass(frozen=True)
 class Restored:
   """A restored checkpoint.
@@ -113,11 +290,14 @@ class Restored:
     step: the step it was saved at.
     state: the pytree, structured like the ``like`` tree given to restore.
     metadata: the JSON dict given at save (empty if none).
+    skipped: for :meth:`Checkpoints.restore_latest`, one line per newer
+      checkpoint that was damaged and skipped (empty when none was).
   """
 
   step: int
   state: PyTree
   metadata: dict[str, Any]
+  skipped: tuple[str, ...] = ()
 
 
 def _quarantine_uncommitted(directory: pathlib.Path) -> None:
@@ -184,6 +364,7 @@ class Checkpoints:
     if best_mode not in ('max', 'min'):
       raise ValueError(f"best_mode must be 'max' or 'min', got {best_mode!r}")
     self.directory = pathlib.Path(directory).resolve()
+    self._pending: dict[str, int] = {}  # kind -> step of the newest save started
     self.best_mode = best_mode
     self.read_only = read_only
     policies = ocp.checkpoint_managers
@@ -227,15 +408,35 @@ class Checkpoints:
   def __exit__(self, *exc_info: object) -> None:
     self.close()
 
+  def _writing(self, what: str, step: int | None):
+    """Context turning a failed write into :class:`CheckpointWriteError`."""
+    return _WriteGuard(self, what, step)
+
   def wait(self) -> None:
-    """Blocks until background writes are on disk; re-raises their errors."""
-    self._steps.wait_until_finished()
-    self._best.wait_until_finished()
+    """Blocks until background writes are on disk.
+
+    Raises:
+      CheckpointWriteError: a background write failed (disk full, read-only).
+    """
+    with self._writing('periodic', self._pending.get('periodic')):
+      self._steps.wait_until_finished()
+    with self._writing('best', self._pending.get('best')):
+      self._best.wait_until_finished()
 
   def close(self) -> None:
-    """Waits for background writes and releases the managers."""
-    self._steps.close()
-    self._best.close()
+    """Waits for background writes and releases the managers.
+
+    Raises:
+      CheckpointWriteError: as :meth:`wait` (the managers are released anyway).
+    """
+    try:
+      self.wait()
+    finally:
+      for manager in (self._steps, self._best):
+        try:
+          manager.close()
+        except Exception:  # the write error was raised by wait() already
+          _log.debug('closing %s after a failed write', manager.directory, exc_info=True)
 
   @staticmethod
   def _complete(manager: ocp.CheckpointManager) -> list[int]:
@@ -269,9 +470,9 @@ class Checkpoints:
     except TypeError as error:
       raise ValueError(f'metadata must be JSON-serialisable (use int/float/str): {error}') from None
     _check_savable(state)
+    meta = {'step': step, 'metadata': metadata, 'digests': digests(state)}
     return ocp.args.Composite(
-      state=ocp.args.StandardSave(unwrap_keys(state)),
-      meta=ocp.args.JsonSave({'step': step, 'metadata': metadata}),
+      state=ocp.args.StandardSave(unwrap_keys(state)), meta=ocp.args.JsonSave(meta)
     )
 
   def save(
@@ -294,7 +495,12 @@ class Checkpoints:
     self._check_writable()
     if not force and not self._steps.should_save(step):
       return False
-    return self._steps.save(step, args=self._args(step, state, metadata), force=force)
+    args = self._args(step, state, metadata)
+    with self._writing('periodic', self._pending.get('periodic', step)):
+      self._steps.wait_until_finished()
+    self._pending['periodic'] = step
+    with self._writing('periodic', step):
+      return self._steps.save(step, args=args, force=force)
 
   def save_best(
     self, step: int, state: PyTree, *, metric: float, metadata: dict[str, Any] | None = None
@@ -323,7 +529,8 @@ class Checkpoints:
     metric = float(metric)
     if not np.isfinite(metric):
       raise ValueError(f'save_best needs a finite metric, got {metric}')
-    self._best.wait_until_finished()
+    with self._writing('best', self._pending.get('best', step)):
+      self._best.wait_until_finished()
     best = self.best
     if best is not None:
       better = metric > best[1] if self.best_mode == 'max' else metric < best[1]
@@ -331,34 +538,98 @@ class Checkpoints:
         return False
     if step in self._best.all_steps():
       self._best.delete(step)
-    return self._best.save(
-      step, args=self._args(step, state, metadata), metrics={'metric': metric}, force=True
-    )
+    args = self._args(step, state, metadata)
+    self._pending['best'] = step
+    with self._writing('best', step):
+      return self._best.save(step, args=args, metrics={'metric': metric}, force=True)
 
   def _restore(self, manager: ocp.CheckpointManager, step: int, like: PyTree) -> Restored:
-    restored = manager.restore(
-      step,
-      args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state(like)), meta=ocp.args.JsonRestore()
-      ),
-    )
-    state = wrap_keys(restored['state'], like=like)
-    return Restored(step=step, state=state, metadata=dict(restored['meta']['metadata']))
+    """Restores and verifies ``step``; raises :class:`CheckpointError` if it is damaged."""
+    where = f'checkpoint step {step} in {manager.directory}'
+    target = abstract_state(like)
+    try:
+      meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
+      saved, metadata = meta.get('digests'), dict(meta['metadata'])
+      # Restore in the saved dtypes, so the digests see the saved bytes; cast afterwards.
+      restore_as = target if saved is None else _as_saved(target, saved)
+      restored = manager.restore(
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(restore_as))
+      )['state']
+    except Exception as error:  # orbax and tensorstore raise many kinds on damaged files
+      _drop_abandoned_reads()
+      raise CheckpointError(f'{where} cannot be read: {_first_line(error)}', step=step) from error
+    if saved is None:
+      _log.warning('%s has no digests (written by an earlier version); not verified', where)
+    else:
+      found = digests(restored)
+      damaged = [
+        path
+        for path, entry in saved.items()
+        if None not in (entry, found.get(path)) and found[path] != entry
+      ]
+      if damaged:
+        more = f' (and {len(damaged) - 1} more)' if len(damaged) > 1 else ''
+        raise CheckpointError(
+          f'{where} is damaged: state{damaged[0]}{more} does not match the digest saved with it',
+          step=step,
+        )
+    state = wrap_keys(_cast_like(restored, target), like=like)
+    return Restored(step=step, state=state, metadata=metadata)
+
+  def _set_aside(self, manager: ocp.CheckpointManager, step: int) -> str:
+    """Renames a damaged step directory to ``<step>.damaged-<n>``; returns the new name."""
+    path = manager.directory / str(step)
+    n = 0
+    while (target := path.with_name(f'{step}.damaged-{n}')).exists():
+      n += 1
+    path.rename(target)
+    manager.reload()
+    return target.name
 
   def restore_latest(self, *, like: PyTree) -> Restored | None:
-    """Restores the newest complete periodic checkpoint; ``None`` if there is none.
+    """Restores the newest complete periodic checkpoint that verifies; ``None`` if there is none.
+
+    A damaged newer checkpoint is skipped (:attr:`Restored.skipped` says
+    which and why) and, unless ``read_only``, renamed to
+    ``<step>.damaged-<n>``, never deleted. Damaged checkpoints are renamed
+    only once an older one has restored, so a ``like`` that fits no
+    checkpoint renames nothing.
 
     Args:
       like: the live training state (or one of the same structure, shapes and
         dtypes): the restored state has its structure, jax arrays come back
         with its shardings, NumPy arrays as NumPy, typed keys as typed keys.
+
+    Raises:
+      CheckpointError: every complete checkpoint is damaged (each one named).
     """
     self.wait()
-    step = self.latest_step
-    return None if step is None else self._restore(self._steps, step, like)
+    failures: list[CheckpointError] = []
+    for step in reversed(self._complete(self._steps)):
+      try:
+        restored = self._restore(self._steps, step, like)
+      except CheckpointError as error:
+        failures.append(error)
+        continue
+      skipped = []
+      for failure in failures:
+        note = str(failure)
+        if not self.read_only:
+          note += f'; moved to {self._set_aside(self._steps, failure.step)}'
+        skipped.append(note)
+      return dataclasses.replace(restored, skipped=tuple(skipped))
+    if failures:
+      raise CheckpointError(
+        'no checkpoint restores: ' + '; '.join(str(f) for f in failures), step=failures[0].step
+      )
+    return None
 
   def restore_best(self, *, like: PyTree) -> Restored | None:
-    """Restores the best checkpoint (see :meth:`restore_latest`); ``None`` if there is none."""
+    """Restores the best checkpoint (see :meth:`restore_latest`); ``None`` if there is none.
+
+    Raises:
+      CheckpointError: it is damaged.
+    """
     self.wait()
     best = self.best
     return None if best is None else self._restore(self._best, best[0], like)
@@ -368,6 +639,7 @@ class Checkpoints:
 
     Raises:
       FileNotFoundError: no complete checkpoint at ``step``, listing those there are.
+      CheckpointError: it is damaged.
     """
     self.wait()
     steps = self._complete(self._steps)

@@ -106,6 +106,19 @@ class LossConfig:
       raise ValueError(f'batch_groups must be >= 1, got {self.batch_groups}')
     if self.dynamic_k_candidates < 1:
       raise ValueError(f'dynamic_k_candidates must be >= 1, got {self.dynamic_k_candidates}')
+    if not self.anchor_t > 1:
+      raise ValueError(f'anchor_t is a side ratio and must be > 1, got {self.anchor_t}')
+    for name in ('box', 'obj', 'cls', 'aux_weight', 'iou_cost_weight'):
+      if not getattr(self, name) >= 0:
+        raise ValueError(f'{name} is a loss weight and must be >= 0, got {getattr(self, name)}')
+    for name in ('cls_pw', 'obj_pw'):
+      if not getattr(self, name) > 0:
+        raise ValueError(
+          f'{name} is a BCE positive weight and must be > 0, got {getattr(self, name)}'
+        )
+    for name in ('label_smoothing', 'gr'):
+      if not 0.0 <= getattr(self, name) <= 1.0:
+        raise ValueError(f'{name} must lie in [0, 1], got {getattr(self, name)}')
 
   @property
   def num_levels(self) -> int:

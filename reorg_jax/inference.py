@@ -155,7 +155,9 @@ def predict(
   Args:
     model: the model (static: a new model compiles anew).
     variables: its ``params`` and ``batch_stats``.
-    images: ``[B, H, W, 3]`` float images, ``H``/``W`` multiples of ``model.max_stride``.
+    images: ``[B, H, W, 3]`` float images scaled to ``[0, 1]``, ``H``/``W``
+      multiples of ``model.max_stride``. Integer images (``uint8`` 0..255)
+      are an error: convert them first (``images.astype(jnp.float32) / 255``).
     max_detections: ``D`` (the original's ``max_det``).
     max_candidates: ``M``, capped at the number of boxes per image.
     score_threshold: minimum objectness and score (the original's ``conf_thres``;
@@ -165,7 +167,15 @@ def predict(
 
   Returns:
     :class:`Detections` with ``D`` rows per image.
+
+  Raises:
+    ValueError: integer images, or a shape the model does not take.
   """
+  if not jnp.issubdtype(images.dtype, jnp.floating):
+    raise ValueError(
+      f'predict needs float images scaled to [0, 1], got dtype {images.dtype}; '
+      'convert with images.astype(jnp.float32) / 255'
+    )
   decoded = model.apply(variables, images, train=False)  # [B, N, K]
   return select_detections(
     decoded,

@@ -366,6 +366,26 @@ def _loss_parts_backward(grids, image_hw, config, residuals, cotangent):
 _loss_parts.defvjp(_loss_parts_forward, _loss_parts_backward)
 
 
+def _check_targets(targets: Targets, *, batch: int, config: LossConfig) -> None:
+  """Trace-time checks that ``targets`` fit outputs of ``batch`` images and the config's ``C``."""
+  boxes, classes, valid = (jnp.shape(x) for x in (targets.boxes, targets.classes, targets.valid))
+  if len(boxes) != 3 or boxes[2] != 4 or classes != boxes[:2] or valid != boxes[:2]:
+    raise ValueError(
+      f'targets must hold boxes [B, M, 4], classes [B, M] and valid [B, M], got {boxes}, '
+      f'{classes} and {valid}'
+    )
+  if boxes[0] != batch:
+    raise ValueError(
+      f'targets hold {boxes[0]} images (boxes {boxes}) but the outputs {batch} '
+      '(lead level 0 batch); pass the targets of the same batch'
+    )
+  if targets.num_classes is not None and targets.num_classes != config.num_classes:
+    raise ValueError(
+      f'targets were built for {targets.num_classes} classes, the loss config has '
+      f"{config.num_classes}; build both with the dataset's class count"
+    )
+
+
 def aux_ota_loss(
   outputs: Sequence[jax.Array],
   targets: Targets,
@@ -385,6 +405,14 @@ def aux_ota_loss(
     ``(loss, parts)``: ``loss = (box + obj + cls) * B`` and ``parts`` with
     scalar ``box``, ``obj``, ``cls`` (after gains) and ``total`` (their sum,
     before the batch factor), like upstream's returned loss items.
+
+  Raises:
+    ValueError: at trace time, naming both sides, when the outputs and
+      targets disagree in batch size, the grids do not match ``image_hw``
+      and the strides, the outputs' ``5 + C`` differs from the config's, or
+      ``targets.num_classes`` differs from ``config.num_classes``. A valid
+      box whose class lies outside ``[0, C)`` (possible only in targets
+      built without :meth:`Targets.from_yolo`) makes ``loss`` and ``total`` NaN.
   """
   levels = config.num_levels
   if len(outputs) != 2 * levels:
@@ -393,9 +421,13 @@ def aux_ota_loss(
     )
   lead, aux = list(outputs[:levels]), list(outputs[levels:])
   grids = assigner.grid_shapes(lead, config)
-  if grids != assigner.grid_shapes(aux, config):
-    raise ValueError('lead and auxiliary outputs must have the same shapes level by level')
+  if grids != assigner.grid_shapes(aux, config) or aux[0].shape[0] != lead[0].shape[0]:
+    raise ValueError(
+      'lead and auxiliary outputs must have the same shapes level by level, got lead '
+      f'{[tuple(x.shape) for x in lead]} and auxiliary {[tuple(x.shape) for x in aux]}'
+    )
   assigner.check_image_hw(image_hw, grids, config)
+  _check_targets(targets, batch=lead[0].shape[0], config=config)
   targets = jax.lax.stop_gradient(targets)
   slots = compact.head_slots(targets, grids, config)
   parts = _loss_parts(tuple(lead + aux), slots, targets, grids, tuple(image_hw), config)
@@ -403,5 +435,9 @@ def aux_ota_loss(
   box, obj, cls = jnp.sum(parts * weights[:, None], axis=0)
   box, obj, cls = box * config.box, obj * config.obj, cls * config.cls
   total = box + obj + cls
+  # A valid box's class outside [0, C) cannot be seen at trace time: it makes the loss NaN.
+  classes = targets.classes
+  foreign = jnp.any(targets.valid & ((classes < 0) | (classes >= config.num_classes)))
+  total = jnp.where(foreign, jnp.nan, total)
   loss = total * lead[0].shape[0]
   return loss, {'box': box, 'obj': obj, 'cls': cls, 'total': total}

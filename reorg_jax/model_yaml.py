@@ -73,9 +73,20 @@ class LayerSpec:
 
 
 def load_config(path: str | os.PathLike | Traversable) -> dict[str, Any]:
-  """Reads a model YAML file into a mapping."""
+  """Reads a model YAML file into a mapping.
+
+  Raises:
+    ValueError: the file cannot be read, is not valid YAML or holds no
+      mapping (the message starts with the path).
+  """
   source = pathlib.Path(path) if isinstance(path, (str, os.PathLike)) else path
-  config = yaml.safe_load(source.read_text())
+  try:
+    config = yaml.safe_load(source.read_text())
+  except OSError as error:
+    raise ValueError(f'{path}: cannot read the model file: {error.strerror or error}') from None
+  except yaml.YAMLError as error:
+    detail = ' '.join(str(error).split())
+    raise ValueError(f'{path}: the model file is not valid YAML: {detail}') from None
   if not isinstance(config, dict):
     raise ValueError(f'{path}: a model file must hold a mapping, got {type(config).__name__}')
   return config
@@ -276,6 +287,8 @@ def _anchor_pairs(context: _Context, anchors: Any) -> tuple[tuple[tuple[float, f
       raise _fail(
         context, f'each anchor level must be a flat [w0, h0, w1, h1, ...] list, got {level!r}'
       )
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in level):
+      raise _fail(context, f'anchor sizes must be numbers, got {level!r}')
     values = [float(v) for v in level]
     pairs.append(tuple(zip(values[0::2], values[1::2], strict=True)))
   if len({len(level) for level in pairs}) != 1:
@@ -335,6 +348,15 @@ def parse_config(
   anchors = config['anchors'] if anchors is None else anchors
   in_channels = config.get('ch', 3) if in_channels is None else in_channels
   depth, width = config['depth_multiple'], config['width_multiple']
+  for key, value in (('nc', num_classes), ('ch', in_channels)):
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+      raise ValueError(f'{key} must be a positive integer, got {value!r}')
+  for key, value in (('depth_multiple', depth), ('width_multiple', width)):
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+      raise ValueError(f'{key} must be a positive number, got {value!r}')
+  for key in ('backbone', 'head'):
+    if not isinstance(config[key], list):
+      raise ValueError(f'{key} must be a list of [from, number, module, args] rows')
   rows = list(config['backbone']) + list(config['head'])
   if not rows:
     raise ValueError('model config has no layers')
@@ -348,7 +370,7 @@ def parse_config(
     if not isinstance(row, (list, tuple)) or len(row) != 4:
       raise ValueError(f'{label}: rows are [from, number, module, args]')
     origin, number, name, args = row
-    if name not in _MODULES:
+    if not isinstance(name, str) or name not in _MODULES:
       raise ValueError(f'{label}: module {name!r} is not supported; supported: {sorted(_MODULES)}')
     if name == 'IAuxDetect' and index != len(rows) - 1:
       raise ValueError(f'{label}: IAuxDetect must be the last layer')
@@ -362,6 +384,8 @@ def parse_config(
       raise ValueError(
         f'{label}: repeated modules (number {repeats} after depth_multiple) are not supported'
       )
+    if args is not None and not isinstance(args, list):
+      raise ValueError(f'{label}: args must be a list, got {args!r}')
     args = tuple(names.get(a, a) if isinstance(a, str) else a for a in (args or ()))
     image = (in_channels, Fraction(1))
     inputs = [image if s == -1 else (specs[s].channels, specs[s].stride) for s in sources]

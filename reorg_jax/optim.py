@@ -97,11 +97,21 @@ class RecipeConfig:
   ema_ramp: float = 2000.0
 
   def __post_init__(self):
+    if not self.lr0 > 0:
+      raise ValueError(f'lr0 must be > 0, got {self.lr0}')
+    if not 0.0 <= self.lrf <= 1.0:
+      raise ValueError(f'lrf is a fraction of lr0 and must lie in [0, 1], got {self.lrf}')
+    for name in ('momentum', 'warmup_momentum'):
+      if not 0.0 <= getattr(self, name) < 1.0:
+        raise ValueError(f'{name} must lie in [0, 1), got {getattr(self, name)}')
+    for name in ('weight_decay', 'warmup_bias_lr'):
+      if not getattr(self, name) >= 0:
+        raise ValueError(f'{name} must be >= 0, got {getattr(self, name)}')
     if self.nominal_batch_size < 1:
       raise ValueError(f'nominal_batch_size must be >= 1, got {self.nominal_batch_size}')
     if self.min_warmup_steps < 1:
       raise ValueError(f'min_warmup_steps must be >= 1, got {self.min_warmup_steps}')
-    if self.warmup_epochs < 0:
+    if not self.warmup_epochs >= 0:
       raise ValueError(f'warmup_epochs must be >= 0, got {self.warmup_epochs}')
     if not 0.0 <= self.ema_decay < 1.0 or self.ema_ramp <= 0:
       raise ValueError(

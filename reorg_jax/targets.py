@@ -21,11 +21,15 @@ class Targets:
     classes: ``[B, M]`` int32 class ids.
     valid: ``[B, M]`` bool; ``False`` rows are padding and their other fields
       are never read.
+    num_classes: ``C`` the classes were checked against (static; set by
+      :meth:`from_yolo`), or ``None`` when unknown. The loss refuses targets
+      whose ``C`` differs from its own.
   """
 
   boxes: jax.Array
   classes: jax.Array
   valid: jax.Array
+  num_classes: int | None = flax.struct.field(pytree_node=False, default=None)
 
   @property
   def batch_size(self) -> int:
@@ -119,7 +123,12 @@ class Targets:
     boxes[image[order], slot] = xywh[order]
     classes[image[order], slot] = label_class[order]
     valid[image[order], slot] = True
-    return cls(boxes=jnp.asarray(boxes), classes=jnp.asarray(classes), valid=jnp.asarray(valid))
+    return cls(
+      boxes=jnp.asarray(boxes),
+      classes=jnp.asarray(classes),
+      valid=jnp.asarray(valid),
+      num_classes=num_classes,
+    )
 
   def to_yolo(self) -> np.ndarray:
     """Inverse of :meth:`from_yolo`: ``[N, 6]`` float32 rows of the valid boxes, image-major."""

@@ -21,6 +21,7 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
 from reorg_jax.detect import IAuxDetect, fuse_implicit
 from reorg_jax.model_yaml import LayerSpec, Traversable, load_config, parse_config
@@ -33,8 +34,9 @@ NANO_CONFIG = resources.files('reorg_jax') / 'configs' / 'yolov7-p6-nano.yaml'
 class YOLO(nn.Module):
   """A layer graph ending in :class:`~reorg_jax.detect.IAuxDetect`.
 
-  ``__call__(images, *, train)`` takes ``[B, H, W, in_channels]`` images
-  (``H`` and ``W`` multiples of :attr:`max_stride`) and returns, with
+  ``__call__(images, *, train)`` takes ``[B, H, W, in_channels]`` float
+  images scaled to ``[0, 1]`` (``H`` and ``W`` multiples of
+  :attr:`max_stride`; integer images are an error) and returns, with
   ``train=True``, the ``2L`` raw head outputs ``[B, A, H_l, W_l, K]`` (lead
   levels, then auxiliary levels); with ``train=False``, the decoded boxes
   ``[B, N, K]``. Training updates ``batch_stats`` (``mutable=['batch_stats']``).
@@ -83,6 +85,11 @@ class YOLO(nn.Module):
     return math.lcm(*(spec.stride.numerator for spec in self.specs))
 
   def __call__(self, images: jax.Array, *, train: bool) -> tuple[jax.Array, ...] | jax.Array:
+    if not jnp.issubdtype(images.dtype, jnp.floating):
+      raise ValueError(
+        f'expected float images scaled to [0, 1], got dtype {images.dtype}; convert integer '
+        'images first, e.g. images.astype(jnp.float32) / 255'
+      )
     if images.ndim != 4 or images.shape[-1] != self.in_channels:
       raise ValueError(
         f'expected images [B, H, W, {self.in_channels}] (NHWC), got shape {images.shape}'
@@ -116,12 +123,22 @@ def build_model(
       in pixels), e.g. with :func:`reorg_jax.convert.anchors_from_state_dict`
       for a checkpoint whose anchors were re-fitted during training.
     in_channels: overrides the file's ``ch`` (3 if absent).
+
+  Raises:
+    ValueError: an unreadable or invalid file, an unsupported module, a bad
+      argument, ... (the message names the file, when given one, and the layer).
   """
+  source = None
   if not isinstance(config, Mapping):
-    config = load_config(config)
-  specs, channels = parse_config(
-    config, num_classes=num_classes, anchors=anchors, in_channels=in_channels
-  )
+    source, config = config, load_config(config)
+  try:
+    specs, channels = parse_config(
+      config, num_classes=num_classes, anchors=anchors, in_channels=in_channels
+    )
+  except ValueError as error:
+    if source is None:
+      raise
+    raise ValueError(f'{source}: {error}') from None
   return YOLO(specs=specs, in_channels=channels)
 
 

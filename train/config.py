@@ -1,22 +1,51 @@
 """The program's configuration: the default file, overrides, and checks.
 
-Defaults live in exactly one place, ``train/configs/default.yaml``. A run's
-configuration is that file, deep-merged with an optional override file and
-then with command-line overrides given as dotted keys (``train.epochs``).
-Every key an override names must exist in the default file, so a typo is an
-error rather than a silently ignored option.
+Defaults live in exactly one place: ``train/configs/default.yaml`` for the
+program's options, :class:`reorg_jax.LossConfig` for the loss gains (the
+``loss`` section, :data:`LOSS_OPTIONS`, is filled from its field defaults).
+A run's configuration is those defaults, deep-merged with an optional
+override file and then with command-line overrides given as dotted keys
+(``train.epochs``). Every key an override names must exist in the defaults,
+so a typo is an error rather than a silently ignored option.
+
+:func:`load` checks every value before anything runs: its type (that of its
+default), its range (the ``recipe``, ``augment`` and ``loss`` sections are
+built into :class:`reorg_jax.optim.RecipeConfig`,
+:class:`reorg_jax.augment.AugmentConfig` and :class:`reorg_jax.LossConfig`,
+whose own checks apply), and the constraints between options that the
+configuration alone decides. A failure is one :class:`ConfigError` line
+naming where the value came from (a file, or the command line), the dotted
+key and the value.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
+import math
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from reorg_jax import augment, optim, yolo
+from reorg_jax import config as loss_lib
+
 DEFAULT_PATH = Path(__file__).resolve().parent / 'configs' / 'default.yaml'
+
+# The LossConfig fields that are options of the program (the ``loss`` section).
+LOSS_OPTIONS = (
+  'box',
+  'obj',
+  'cls',
+  'cls_pw',
+  'obj_pw',
+  'anchor_t',
+  'label_smoothing',
+  'aux_weight',
+)
 
 # Options whose value must not change when a run is resumed.
 FIXED_ON_RESUME = (
@@ -31,6 +60,9 @@ FIXED_ON_RESUME = (
   'augment',
   'loss',
 )
+
+# Options whose default is null, and the type they take otherwise.
+NULLABLE = {'data.yaml': str, 'train.max_steps': int}
 
 
 class ConfigError(ValueError):
@@ -82,10 +114,31 @@ def dotted(overrides: dict[str, Any]) -> dict[str, Any]:
   return nested
 
 
+def defaults() -> dict[str, Any]:
+  """Every option with its default: ``default.yaml`` plus the ``loss`` section."""
+  config = read_yaml(DEFAULT_PATH)
+  if 'loss' in config:
+    raise ConfigError(f'{DEFAULT_PATH}: the loss section comes from reorg_jax.LossConfig')
+  fields = {field.name: field.default for field in dataclasses.fields(loss_lib.LossConfig)}
+  config['loss'] = {name: fields[name] for name in LOSS_OPTIONS}
+  return config
+
+
+def flatten(tree: dict[str, Any], *, where: str = '') -> dict[str, Any]:
+  """``{'train': {'epochs': 3}}`` as ``{'train.epochs': 3}``."""
+  flat: dict[str, Any] = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      flat.update(flatten(value, where=f'{where}{key}.'))
+    else:
+      flat[f'{where}{key}'] = value
+  return flat
+
+
 def load(
   *, config_path: str | os.PathLike | None, overrides: dict[str, Any] | None
 ) -> dict[str, Any]:
-  """The default configuration, then the file at ``config_path``, then ``overrides``.
+  """The defaults, then the file at ``config_path``, then ``overrides``, checked.
 
   Args:
     config_path: an override YAML file, or ``None``.
@@ -93,59 +146,220 @@ def load(
       option not given on the command line).
 
   Raises:
-    ConfigError: unreadable files, unknown keys, or values of the wrong kind.
+    ConfigError: unreadable files, unknown keys, values of the wrong type or
+      out of range (see :func:`check`).
   """
-  config = read_yaml(DEFAULT_PATH)
+  config = defaults()
+  origins = dict.fromkeys(flatten(config), 'the defaults')
   if config_path is not None:
-    config = merge(config, read_yaml(config_path))
+    content = read_yaml(config_path)
+    try:
+      config = merge(config, content)
+    except ConfigError as error:
+      raise ConfigError(f'{config_path}: {error}') from None
+    origins.update(dict.fromkeys(flatten(content), str(config_path)))
   given = {k: v for k, v in (overrides or {}).items() if v is not None}
-  config = merge(config, dotted(given))
-  check(config)
+  try:
+    config = merge(config, dotted(given))
+  except ConfigError as error:
+    raise ConfigError(f'command line: {error}') from None
+  origins.update(dict.fromkeys(given, 'command line'))
+  check(config, origins=origins)
+  check_model(config, build_model(config, origins=origins), origins=origins)
   return config
 
 
-def _positive_int(config: dict[str, Any], section: str, key: str, *, allow_none: bool = False):
-  value = config[section][key]
-  if value is None and allow_none:
-    return
-  if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-    raise ConfigError(f'{section}.{key} must be a positive integer, got {value!r}')
+def build_model(
+  config: dict[str, Any], *, num_classes: int | None = None, origins: dict[str, str] | None = None
+) -> yolo.YOLO:
+  """The model ``model.name`` names (``'p6_nano'`` or a model YAML file).
+
+  Args:
+    config: the configuration.
+    num_classes: ``C``; ``None`` keeps the model's own (enough for its geometry).
+    origins: as for :func:`check`.
+
+  Raises:
+    ConfigError: neither ``'p6_nano'`` nor a readable, valid model file (the
+      file's problem is named).
+  """
+  name = config['model']['name']
+  origin = (origins or {}).get('model.name', 'config')
+  if name == 'p6_nano':
+    return yolo.p6_nano(num_classes=num_classes)
+  if not Path(name).is_file():
+    raise ConfigError(
+      f"{origin}: model.name must be 'p6_nano' or a model YAML file, got {name!r} (no such file)"
+    )
+  try:
+    return yolo.build_model(Path(name), num_classes=num_classes)
+  except ValueError as error:
+    raise ConfigError(f'{origin}: model.name: {error}') from None
 
 
-def check(config: dict[str, Any]) -> None:
-  """Raises :class:`ConfigError` for values no run can use."""
-  for section, key in (
-    ('train', 'epochs'),
-    ('train', 'batch_size'),
-    ('train', 'image_size'),
-    ('train', 'loader_threads'),
-    ('train', 'prefetch'),
-    ('eval', 'batch_size'),
-    ('eval', 'max_detections'),
-    ('eval', 'max_candidates'),
-    ('checkpoint', 'save_every'),
-    ('checkpoint', 'keep_last'),
-    ('synthetic', 'num_train'),
-    ('synthetic', 'num_val'),
-    ('synthetic', 'image_size'),
+def boxes_per_image(model: yolo.YOLO, *, image_size: int) -> int:
+  """``N``: the boxes ``model`` predicts on a square ``image_size`` input."""
+  anchors = len(model.anchors[0])
+  return sum(anchors * (image_size // stride) ** 2 for stride in model.strides)
+
+
+def check_model(
+  config: dict[str, Any], model: yolo.YOLO, *, origins: dict[str, str] | None = None
+) -> None:
+  """Raises :class:`ConfigError` when the image size does not suit ``model`` or evaluation.
+
+  The side must be a multiple of the model's largest stride, and the model
+  must predict at least ``eval.max_detections`` boxes per image at it.
+  """
+  checker = _Checker(config, origins)
+  size, stride = config['train']['image_size'], model.max_stride
+  name = config['model']['name']
+  checker.require(
+    'train.image_size', lambda v: v % stride == 0, f"must be a multiple of {name}'s stride {stride}"
+  )
+  boxes = boxes_per_image(model, image_size=size)
+  detections = config['eval']['max_detections']
+  checker.require(
+    'train.image_size',
+    lambda _: boxes >= detections,
+    f'is too small for evaluation: {name} predicts {boxes} boxes per image there, fewer than '
+    f'eval.max_detections = {detections} (raise the size or lower eval.max_detections)',
+  )
+
+
+class _Checker:
+  """Raises :class:`ConfigError` lines ``'<origin>: <key> <reason>, got <value>'``."""
+
+  def __init__(self, config: dict[str, Any], origins: dict[str, str] | None):
+    self.config = config
+    self.origins = origins or {}
+
+  def fail(self, key: str, reason: str) -> ConfigError:
+    origin = self.origins.get(key, 'config')
+    return ConfigError(f'{origin}: {key} {reason}, got {get(self.config, key)!r}')
+
+  def fail_with(self, key: str, error: Exception) -> ConfigError:
+    """A library check's message (which names the value) under the option's origin and key."""
+    origin = self.origins.get(key, 'config')
+    return ConfigError(f'{origin}: {key}: {error}')
+
+  def require(self, key: str, ok: Callable[[Any], bool], reason: str) -> None:
+    if not ok(get(self.config, key)):
+      raise self.fail(key, reason)
+
+  def build(self, section: str, make: Callable[..., Any], keys: tuple[str, ...]) -> Any:
+    """``make(**options)``, first with each option alone so a failure names its key."""
+    options = {key: self.config[section][key] for key in keys}
+    for key, value in options.items():
+      try:
+        make(**{key: value})
+      except (TypeError, ValueError) as error:
+        raise self.fail_with(f'{section}.{key}', error) from None
+    try:
+      return make(**options)
+    except (TypeError, ValueError) as error:
+      origins = sorted({self.origins.get(f'{section}.{key}', 'config') for key in keys})
+      raise ConfigError(f'{", ".join(origins)}: {section}: {error}') from None
+
+
+def _is_int(value: Any) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+  return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_types(checker: _Checker, reference: dict[str, Any]) -> None:
+  """Each option has the type of its default (a float option takes integers too)."""
+  for key, default in flatten(reference).items():
+    value = get(checker.config, key)
+    if key in NULLABLE:
+      kind = NULLABLE[key]
+      if value is not None and not (_is_int(value) if kind is int else isinstance(value, kind)):
+        raise checker.fail(key, f'must be null or a {kind.__name__}')
+    elif isinstance(default, bool):
+      checker.require(key, lambda v: isinstance(v, bool), 'must be true or false')
+    elif isinstance(default, int):
+      checker.require(key, _is_int, 'must be an integer')
+    elif isinstance(default, float):
+      checker.require(key, _is_number, 'must be a finite number')
+    elif isinstance(default, str):
+      checker.require(key, lambda v: isinstance(v, str), 'must be a string')
+
+
+def check(config: dict[str, Any], *, origins: dict[str, str] | None = None) -> None:
+  """Raises :class:`ConfigError` for values no run can use.
+
+  Args:
+    config: the merged configuration.
+    origins: dotted key -> where its value came from (a file, the command
+      line), for the message.
+  """
+  checker = _Checker(config, origins)
+  _check_types(checker, defaults())
+  for key in (
+    'train.epochs',
+    'train.batch_size',
+    'train.image_size',
+    'train.loader_threads',
+    'train.prefetch',
+    'eval.batch_size',
+    'eval.max_detections',
+    'eval.max_candidates',
+    'checkpoint.save_every',
+    'checkpoint.keep_last',
+    'synthetic.num_train',
+    'synthetic.num_val',
+    'synthetic.image_size',
   ):
-    _positive_int(config, section, key)
-  _positive_int(config, 'train', 'max_steps', allow_none=True)
-  if config['train']['image_size'] % 64:
-    raise ConfigError(
-      f'train.image_size must be a multiple of 64 (the P6 models stride), '
-      f'got {config["train"]["image_size"]}'
+    checker.require(key, lambda v: v >= 1, 'must be a positive integer')
+  checker.require('train.max_steps', lambda v: v is None or v >= 1, 'must be null or >= 1')
+  for key in ('seed', 'synthetic.seed'):
+    checker.require(key, lambda v: 0 <= v < 2**32, 'must be an integer in [0, 2**32)')
+  for key in ('eval.score_threshold', 'eval.iou_threshold'):
+    checker.require(key, lambda v: 0.0 <= v <= 1.0, 'must lie in [0, 1]')
+  detections, candidates = config['eval']['max_detections'], config['eval']['max_candidates']
+  if detections > candidates:
+    raise checker.fail('eval.max_detections', f'must not exceed eval.max_candidates = {candidates}')
+  checker.require(
+    'checkpoint.best_metric', lambda v: v in ('map50', 'map50_95'), "must be 'map50' or 'map50_95'"
+  )
+  checker.require(
+    'model.compute_dtype',
+    lambda v: v in ('float32', 'bfloat16'),
+    "must be 'float32' or 'bfloat16'",
+  )
+  if config['data']['yaml'] is None:
+    batch = config['train']['batch_size']
+    checker.require(
+      'synthetic.num_train',
+      lambda v: v >= batch,
+      f'must be at least train.batch_size = {batch} (every batch is full)',
     )
-  if config['checkpoint']['best_metric'] not in ('map50', 'map50_95'):
-    raise ConfigError(
-      f"checkpoint.best_metric must be 'map50' or 'map50_95', "
-      f'got {config["checkpoint"]["best_metric"]!r}'
-    )
-  if config['model']['compute_dtype'] not in ('float32', 'bfloat16'):
-    raise ConfigError(
-      f"model.compute_dtype must be 'float32' or 'bfloat16', "
-      f'got {config["model"]["compute_dtype"]!r}'
-    )
+  recipe_keys = tuple(field.name for field in dataclasses.fields(optim.RecipeConfig))
+  checker.build('recipe', optim.RecipeConfig, recipe_keys)
+  augment_keys = tuple(field.name for field in dataclasses.fields(augment.AugmentConfig))
+  checker.build('augment', augment.AugmentConfig, augment_keys)
+  geometry = {
+    'num_classes': 1,
+    'anchors': loss_lib.P6_ANCHORS,
+    'strides': loss_lib.P6_STRIDES,
+    'balance': loss_lib.upstream_balance(len(loss_lib.P6_STRIDES)),
+  }
+  checker.build('loss', lambda **gains: loss_lib.LossConfig(**geometry, **gains), LOSS_OPTIONS)
+
+
+def recipe(config: dict[str, Any]) -> optim.RecipeConfig:
+  """The run's optimisation recipe."""
+  return optim.RecipeConfig(**config['recipe'])
+
+
+def augmentation(config: dict[str, Any]) -> augment.AugmentConfig | None:
+  """The run's training augmentation, or ``None`` when disabled."""
+  if not config['augment']['enabled']:
+    return None
+  return augment.AugmentConfig(**{k: v for k, v in config['augment'].items() if k != 'enabled'})
 
 
 def get(config: dict[str, Any], key: str) -> Any:
@@ -166,5 +380,15 @@ def resume_conflicts(saved: dict[str, Any], current: dict[str, Any]) -> list[str
 
 
 def dump(config: dict[str, Any], path: str | os.PathLike) -> None:
-  """Writes ``config`` as YAML (the resolved options of a run)."""
-  Path(path).write_text(yaml.safe_dump(config, sort_keys=False))
+  """Writes ``config`` as YAML (the resolved options of a run), atomically.
+
+  The text goes to ``<path>.tmp`` first and replaces ``path`` once complete,
+  so a full disk never leaves a truncated file behind.
+  """
+  path = Path(path)
+  partial = path.with_name(path.name + '.tmp')
+  try:
+    partial.write_text(yaml.safe_dump(config, sort_keys=False))
+    os.replace(partial, path)
+  finally:
+    partial.unlink(missing_ok=True)

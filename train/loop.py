@@ -16,13 +16,27 @@ Order within a step: train, check the loss is finite (raising
 :class:`reorg_jax.train.NonFiniteError` before anything is saved), log, at
 the end of an epoch evaluate the EMA weights on the validation split and
 keep the best checkpoint, then write the periodic checkpoint. A run killed
-at any point resumes from the newest complete periodic checkpoint.
+at any point resumes from the newest complete periodic checkpoint that
+verifies against its digests (a damaged newer one is skipped, said in one
+line, and kept as ``<step>.damaged-<n>``).
+
+Before anything is written, the configuration has been checked
+(:func:`train.config.load`), the model file parsed, and a dataset YAML's
+splits loaded and sized against the batch. One process at a time writes a
+run directory: :class:`RunLock` holds ``run.lock`` there for the run's life,
+and a second run exits at once naming the holder's pid. A failed write
+(disk full, read-only directory) ends the run with one :class:`RunError`
+line naming the path and the newest complete checkpoint; the tables and
+``config.yaml`` are replaced atomically and a cut-short checkpoint is never
+read, so the run resumes from that checkpoint once there is room.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import itertools
+import os
 import shutil
 import time
 from pathlib import Path
@@ -33,7 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import reorg_jax
-from reorg_jax import augment, checkpoint, dataset, evaluate, loader, optim, synthetic, yolo
+from reorg_jax import checkpoint, dataset, evaluate, loader, optim, synthetic, yolo
 from reorg_jax import train as train_lib
 from reorg_jax.inference import predict
 from train import config as config_lib
@@ -88,16 +102,6 @@ def dataset_yaml(config: dict[str, Any], *, workdir: Path) -> Path:
     shutil.rmtree(root, ignore_errors=True)
     partial.rename(root)
   return root / 'data.yaml'
-
-
-def build_model(name: str, *, num_classes: int) -> yolo.YOLO:
-  """``'p6_nano'`` or a model YAML path, with ``num_classes`` classes."""
-  if name == 'p6_nano':
-    return yolo.p6_nano(num_classes=num_classes)
-  path = Path(name)
-  if not path.is_file():
-    raise config_lib.ConfigError(f"model.name must be 'p6_nano' or a model YAML file, got {name!r}")
-  return yolo.build_model(path, num_classes=num_classes)
 
 
 def evaluate_split(
@@ -163,24 +167,133 @@ def _check_workdir(workdir: Path, current: dict[str, Any], *, resume: bool) -> N
       raise RunError('cannot resume with options that change the run: ' + '; '.join(conflicts))
 
 
+class RunLock:
+  """An advisory lock (``fcntl.flock``) on a file in the run directory.
+
+  The holder writes its pid into the file; a second holder fails at once
+  with :class:`RunError` naming that pid. The lock ends with the process
+  (even on ``kill -9``); the file stays.
+
+  Args:
+    path: the lock file (created if missing).
+  """
+
+  def __init__(self, path: str | os.PathLike):
+    self.path = Path(path)
+    self._fd: int | None = None
+
+  def __enter__(self) -> RunLock:
+    fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      holder = os.pread(fd, 32, 0).decode(errors='replace').strip() or 'unknown'
+      os.close(fd)
+      raise RunError(
+        f'{self.path.parent} is in use by another run (pid {holder}, holding {self.path}); '
+        'wait for it to end or choose another --workdir'
+      ) from None
+    except BaseException:
+      os.close(fd)
+      raise
+    try:
+      os.ftruncate(fd, 0)
+      os.pwrite(fd, f'{os.getpid()}\n'.encode(), 0)
+    except BaseException:
+      os.close(fd)  # closing releases the lock
+      raise
+    self._fd = fd
+    return self
+
+  def __exit__(self, *exc_info: object) -> None:
+    if self._fd is not None:
+      os.close(self._fd)
+      self._fd = None
+
+
+def lock_path(workdir: Path) -> Path:
+  """This process's lock file in ``workdir`` (one per process of a multi-process run)."""
+  if jax.process_count() == 1:
+    return workdir / 'run.lock'
+  return workdir / f'run.{jax.process_index()}.lock'
+
+
+def _newest_complete(workdir: Path) -> str:
+  """The newest periodic checkpoint with its commit marker, in words (no orbax involved)."""
+  steps = workdir / 'checkpoints' / 'steps'
+  marker = checkpoint.ocp.path.atomicity.COMMIT_SUCCESS_FILE
+  done = sorted(int(p.name) for p in steps.glob('*') if p.name.isdigit() and (p / marker).exists())
+  return f'step {done[-1]} in {steps}' if done else 'none yet'
+
+
+def _write_failure(error: OSError, workdir: Path) -> RunError:
+  """One line for a failed write: the path, the reason and the checkpoint to resume from."""
+  if isinstance(error, checkpoint.CheckpointWriteError):
+    return RunError(f'{error.strerror or error}; resume with --resume once the disk has room')
+  path = error.filename or workdir
+  reason = error.strerror or str(error)
+  return RunError(
+    f'cannot write {path}: {reason}; newest complete checkpoint: {_newest_complete(workdir)} '
+    '(--resume continues from it)'
+  )
+
+
+def _load_splits(
+  config: dict[str, Any], data_path: Path
+) -> tuple[dataset.YoloDataset, dataset.YoloDataset]:
+  """The train and val splits, checked to fill at least one training batch."""
+  strict = config['data']['strict']
+  train_data = dataset.load_dataset(data_path, split='train', strict=strict)
+  val_data = dataset.load_dataset(data_path, split='val', strict=strict)
+  batch = config['train']['batch_size']
+  if len(train_data) < batch:
+    raise config_lib.ConfigError(
+      f'{data_path}: the train split has {len(train_data)} images, fewer than '
+      f'train.batch_size = {batch} (every batch is full); lower train.batch_size'
+    )
+  return train_data, val_data
+
+
 def run(config: dict[str, Any], *, workdir: str | Path, resume: bool) -> Result:
   """Trains as ``config`` says, writing everything under ``workdir``.
 
   Args:
     config: the resolved configuration (:func:`train.config.load`).
     workdir: the run directory (created if missing).
-    resume: continue from the newest checkpoint in ``workdir`` (a fresh
-      start when there is none); without it, a ``workdir`` holding
+    resume: continue from the newest checkpoint in ``workdir`` that verifies
+      (a fresh start when there is none); without it, a ``workdir`` holding
       checkpoints is an error.
 
   Raises:
     reorg_jax.train.NonFiniteError: a step's loss or gradient was not
       finite (nothing from that step is saved).
-    reorg_jax.dataset.DatasetError: malformed dataset (file and line named).
-    RunError, train.config.ConfigError: unusable options or run directory.
+    reorg_jax.dataset.YoloDatasetError: malformed dataset (file and line named).
+    train.config.ConfigError: unusable options, model file or dataset size
+      (raised before anything is written).
+    RunError: the run directory is in use by another run, holds another run,
+      cannot be written (disk full, read-only), or all its checkpoints are
+      damaged.
   """
   workdir = Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
+  splits = None
+  if config['data']['yaml'] is not None:  # read-only checks before anything is written
+    splits = _load_splits(config, Path(config['data']['yaml']))
+  try:
+    workdir.mkdir(parents=True, exist_ok=True)
+    with RunLock(lock_path(workdir)):
+      return _run_locked(config, workdir=workdir, resume=resume, splits=splits)
+  except OSError as error:
+    raise _write_failure(error, workdir) from None
+
+
+def _run_locked(
+  config: dict[str, Any],
+  *,
+  workdir: Path,
+  resume: bool,
+  splits: tuple[dataset.YoloDataset, dataset.YoloDataset] | None,
+) -> Result:
+  """:func:`run` once the run directory is locked."""
   _check_workdir(workdir, config, resume=resume)
   config_lib.dump(config, workdir / 'config.yaml')
   lead = jax.process_index() == 0
@@ -194,14 +307,12 @@ def run(config: dict[str, Any], *, workdir: str | Path, resume: bool) -> Result:
     if size % devices:
       raise RunError(f'{name} = {size} is not a multiple of the {devices} devices')
 
-  data_path = dataset_yaml(config, workdir=workdir)
-  strict = config['data']['strict']
-  train_data = dataset.load_dataset(data_path, split='train', strict=strict)
-  val_data = dataset.load_dataset(data_path, split='val', strict=strict)
+  if splits is None:
+    splits = _load_splits(config, dataset_yaml(config, workdir=workdir))
+  train_data, val_data = splits
   num_classes = train_data.num_classes
 
-  aug_options = {k: v for k, v in config['augment'].items() if k != 'enabled'}
-  aug = augment.AugmentConfig(**aug_options) if config['augment']['enabled'] else None
+  aug = config_lib.augmentation(config)
   size, seed = tcfg['image_size'], config['seed']
   feed = loader.BatchLoader(
     train_data,
@@ -226,12 +337,12 @@ def run(config: dict[str, Any], *, workdir: str | Path, resume: bool) -> Result:
     num_threads=tcfg['loader_threads'],
   )
 
-  model = build_model(config['model']['name'], num_classes=num_classes)
+  model = config_lib.build_model(config, num_classes=num_classes)
   schedule = optim.Schedule(
     epochs=tcfg['epochs'],
     batch_size=tcfg['batch_size'],
     steps_per_epoch=feed.steps_per_epoch,
-    recipe=optim.RecipeConfig(**config['recipe']),
+    recipe=config_lib.recipe(config),
   )
   loss_config = optim.scaled_loss_gains(
     reorg_jax.LossConfig(
@@ -266,10 +377,16 @@ def run(config: dict[str, Any], *, workdir: str | Path, resume: bool) -> Result:
     workdir / 'checkpoints', save_every=ccfg['save_every'], keep_last=ccfg['keep_last']
   )
   start = 0
+  skipped: tuple[str, ...] = ()
   if resume:
-    restored = ckpt.restore_latest(like=state)
+    try:
+      restored = ckpt.restore_latest(like=state)
+    except checkpoint.CheckpointError as error:
+      for opened in (ckpt, feed, val_feed):
+        opened.close()
+      raise RunError(f'cannot resume: {error}') from None
     if restored is not None:
-      state, start = restored.state, int(restored.state.step)
+      state, start, skipped = restored.state, int(restored.state.step), restored.skipped
 
   step_table = report.Table(
     workdir / 'steps.csv', columns=report.STEP_COLUMNS, keep_below=start, key='step'
@@ -284,6 +401,10 @@ def run(config: dict[str, Any], *, workdir: str | Path, resume: bool) -> Result:
   progress = report.Progress(
     enabled=lcfg['progress'] and lead, total_steps=total, batch_size=tcfg['batch_size']
   )
+  if lead and skipped:
+    progress.write(
+      f'resuming from step {start}, skipping damaged checkpoints: ' + '; '.join(skipped)
+    )
   if lead:
     progress.write(
       f'training {config["model"]["name"]} ({num_classes} classes) on {len(train_data)} images '

@@ -5,14 +5,22 @@ built-in synthetic dataset (written to ``<workdir>/data`` on first use),
 evaluating every epoch. Options come from ``train/configs/default.yaml``,
 then ``--config FILE`` (any subset of the same keys), then the flags below.
 
-Exit status: 0 when the run finished, 1 with a one-line error (no
-traceback) for configuration, dataset, run-directory and non-finite-loss
-errors.
+Exit status (every error is one line on stderr, no traceback):
+
+* 0: the run finished.
+* 1: the run could not go on: the run directory is in use by another run
+  (its pid is named) or holds another run, a write failed (disk full,
+  read-only directory; the path and the newest complete checkpoint are
+  named), every checkpoint is damaged, or a step's loss was not finite.
+* 2: bad input, found before anything is written or trained: an option's
+  type or range, the model file, the dataset (file and line named), or a
+  dataset smaller than one batch.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from collections.abc import Sequence
 
@@ -61,9 +69,31 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   return parser.parse_args(argv)
 
 
+def _quiet_closed_loops(hook):
+  """``hook`` minus the 'Event loop is closed' reports of writes abandoned after a failure."""
+  if getattr(hook, 'quiets_closed_loops', False):
+    return hook
+
+  def quiet(report):
+    value = report.exc_value
+    if isinstance(value, RuntimeError) and str(value) == 'Event loop is closed':
+      return
+    hook(report)
+
+  quiet.quiets_closed_loops = True
+  return quiet
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-  """Runs the program; returns the exit status."""
+  """Runs the program; returns the exit status (see the module docstring)."""
   args = parse_args(argv)
+  # Orbax logs every failed background write with its traceback, and each of its
+  # abandoned array writes then reports 'Event loop is closed' or an unretrieved task
+  # error (thousands of lines on a full disk); the failure itself reaches the program
+  # and is printed as one line.
+  for name in ('absl', 'asyncio'):
+    logging.getLogger(name).setLevel(logging.CRITICAL)
+  sys.unraisablehook = _quiet_closed_loops(sys.unraisablehook)
   import jax
 
   if args.distributed:
@@ -79,11 +109,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     overrides['log.progress'] = False
   try:
     config = config_lib.load(config_path=args.config, overrides=overrides)
-    result = loop.run(config, workdir=args.workdir, resume=args.resume)
-  except (config_lib.ConfigError, DatasetError, loop.RunError, NonFiniteError) as error:
+    loop.run(config, workdir=args.workdir, resume=args.resume)
+  except (config_lib.ConfigError, DatasetError) as error:
+    print(f'error: {error}', file=sys.stderr, flush=True)
+    return 2
+  except (loop.RunError, NonFiniteError) as error:
     print(f'error: {error}', file=sys.stderr, flush=True)
     return 1
-  del result
   return 0
 
 

@@ -10,8 +10,9 @@ Files in the run directory:
 * ``losses.png`` and ``map.png``: those columns plotted against the epoch.
 * ``tensorboard/``: the same scalars as TensorBoard events.
 
-On resume, rows past the restored position are dropped, so every table
-reads as if the run had never stopped.
+On resume, rows past the restored position are dropped (and a row cut
+short by a failed write, or repeated for the same step, is never kept), so
+every table reads as if the run had never stopped.
 """
 
 from __future__ import annotations
@@ -39,12 +40,27 @@ EPOCH_COLUMNS = (
 
 
 def read_rows(path: str | os.PathLike) -> list[dict[str, float]]:
-  """The rows of a CSV written by :class:`Table`, values as floats (``[]`` if missing)."""
+  """The rows of a CSV written by :class:`Table`, values as floats (``[]`` if missing).
+
+  A last line without its newline (an append cut short by a full disk or a
+  kill) is not a row and is left out.
+
+  Raises:
+    ValueError: any other row that is not all numbers (naming file and line).
+  """
   path = Path(path)
   if not path.is_file():
     return []
-  with path.open(newline='') as handle:
-    return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(handle)]
+  text = path.read_text()
+  if text and not text.endswith('\n'):
+    text = text[: text.rfind('\n') + 1]
+  rows = []
+  for line, row in enumerate(csv.DictReader(text.splitlines()), start=2):
+    try:
+      rows.append({k: float(v) for k, v in row.items()})
+    except (TypeError, ValueError):
+      raise ValueError(f'{path}:{line}: not a row of numbers: {row}') from None
+  return rows
 
 
 class Table:
@@ -69,12 +85,22 @@ class Table:
   ):
     self.path = Path(path)
     self.columns = columns
-    kept = [] if keep_below is None else [r for r in read_rows(self.path) if r[key] < keep_below]
-    self.rows: list[dict[str, float]] = kept
-    with self.path.open('w', newline='') as handle:
-      writer = csv.DictWriter(handle, fieldnames=columns)
-      writer.writeheader()
-      writer.writerows({k: _format(row[k]) for k in columns} for row in kept)
+    kept: dict[float, dict[str, float]] = {}
+    if keep_below is not None:
+      for row in read_rows(self.path):
+        if row[key] < keep_below:
+          kept.pop(row[key], None)
+          kept[row[key]] = row  # the newest row of a repeated step wins
+    self.rows: list[dict[str, float]] = sorted(kept.values(), key=lambda row: row[key])
+    partial = self.path.with_name(self.path.name + '.tmp')
+    try:
+      with partial.open('w', newline='') as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows({k: _format(row[k]) for k in columns} for row in self.rows)
+      os.replace(partial, self.path)  # a full disk leaves the old file whole
+    finally:
+      partial.unlink(missing_ok=True)
 
   def append(self, row: dict[str, Any]) -> None:
     """Adds one row (every column required) and flushes it to disk."""
