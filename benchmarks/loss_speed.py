@@ -1,96 +1,243 @@
 """Speed and memory of the jitted aux OTA loss against upstream's ComputeLossAuxOTA.
 
-Both run on the same inputs in the same process; the table prints
-milliseconds (best of repeated runs, compilation excluded; the best is the
-run least disturbed by other work on the machine, and both sides get it) for forward and
-forward+backward of each, and the ratios upstream / ours. Upstream's inputs
-require grad, as in training.
+Each framework runs in its own worker process, started by this script, on the
+same inputs (both workers draw them from the same seeded NumPy generator).
+Only one worker computes at a time: for every box count the script runs
+``--rounds`` rounds, alternating which framework goes first, and in each
+round a worker makes one untimed call, then times ``--repeats`` forward and
+``--repeats`` forward+backward calls and reports the best of each (the run
+least disturbed by other work on the machine). The table prints the median
+over rounds of those bests with their range, the best over all rounds, and
+the ratios upstream / ours: of the two overall bests, and round by round
+(median and range). On a machine shared with other work the overall best is
+the least disturbed figure of each side. Upstream's inputs require
+grad, as in training; compilation is excluded (it happens in the first,
+untimed call of a box count).
+
+Why not one process: XLA:CPU's and torch's thread pools both keep their
+threads spinning for a while after each call. In one process the idle
+framework's spinning threads take cores from the working one, and on a
+2-core machine that slowed upstream down far more than ours (upstream's
+forward at 7 boxes per image: about 136 ms in one process, 80 ms alone), so
+one-process ratios overstated ours. A user runs one framework alone, and so
+does each worker: the idle one blocks on its pipe, and a short pause before
+each timed call lets its threads settle.
 
     python benchmarks/loss_speed.py              # B=16, 640x640, C=80, 7 and 30 boxes/image
     python benchmarks/loss_speed.py --sweep      # plus 0..200 boxes/image
     python benchmarks/loss_speed.py --memory     # plus B=16 with 300 boxes/image (ours only)
+    python benchmarks/loss_speed.py --rounds 9 --repeats 5
 
-The upstream package (``pip install -e '.[test]'``) is needed for the ratios.
+The upstream package (``pip install -e '.[test]'``) is needed for the ratios;
+without it only our times are printed.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import pathlib
 import platform
 import resource
+import statistics
+import subprocess
 import sys
 import time
 
-import jax
 import numpy as np
 
 import reorg_jax
 from reorg_jax import testing
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'tests'))
-
-
-def _best_ms(fn, repeats: int) -> float:
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    fn()
-    times.append((time.perf_counter() - start) * 1e3)
-  return min(times)
+_TESTS = pathlib.Path(__file__).resolve().parent.parent / 'tests'
+# Pause before each timed call, so that the other worker's threads have gone idle.
+_SETTLE_S = 0.3
 
 
 def make_case(seed: int, batch: int, boxes: int, size: int, num_classes: int):
+  """``(config, hw, labels, outputs)``: upstream's label rows and ``2L`` NumPy head outputs."""
   rng = np.random.default_rng(seed)
   config = reorg_jax.LossConfig.p6(num_classes)
   hw = (size, size)
   labels = testing.random_labels(
     rng, boxes_per_image=[boxes] * batch, num_classes=num_classes, image_hw=hw
   )
-  targets = reorg_jax.Targets.from_yolo(labels, batch, max(boxes, 1), num_classes=num_classes)
   outputs = testing.random_head_outputs(rng, config, batch_size=batch, image_hw=hw)
-  return config, hw, targets, outputs
+  return config, hw, labels, outputs
 
 
-def time_ours(config, hw, targets, outputs, repeats: int) -> tuple[float, float]:
+def _times_ms(fn, repeats: int) -> list[float]:
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    fn()
+    times.append((time.perf_counter() - start) * 1e3)
+  return times
+
+
+def _ours(config, hw, labels, outputs):
+  """``(forward, forward_backward)`` callables of our jitted loss; the first call compiles."""
+  import jax
+
+  batch, boxes = len(outputs[0]), int(np.bincount(labels[:, 0].astype(int)).max(initial=0))
+  targets = reorg_jax.Targets.from_yolo(
+    labels, batch, max(boxes, 1), num_classes=config.num_classes
+  )
   loss_fn = jax.jit(reorg_jax.aux_ota_loss, static_argnums=(2, 3))
   grad_fn = jax.jit(jax.value_and_grad(reorg_jax.aux_ota_loss, has_aux=True), static_argnums=(2, 3))
   device_outputs = [jax.device_put(o) for o in outputs]
-  jax.block_until_ready(loss_fn(device_outputs, targets, hw, config))
-  jax.block_until_ready(grad_fn(device_outputs, targets, hw, config))
-  forward = _best_ms(
-    lambda: jax.block_until_ready(loss_fn(device_outputs, targets, hw, config)), repeats
-  )
-  backward = _best_ms(
-    lambda: jax.block_until_ready(grad_fn(device_outputs, targets, hw, config)), repeats
-  )
-  return forward, backward
+
+  def forward():
+    jax.block_until_ready(loss_fn(device_outputs, targets, hw, config))
+
+  def forward_backward():
+    jax.block_until_ready(grad_fn(device_outputs, targets, hw, config))
+
+  return forward, forward_backward
 
 
-def time_upstream(config, hw, targets, outputs, repeats: int) -> tuple[float, float] | None:
-  """Upstream forward and forward+backward in ms, inputs requiring grad as in training."""
-  try:
-    import oracle
-    import torch
-  except ImportError:
-    return None
+def _upstream(config, hw, labels, outputs):
+  """The same for upstream; ``labels`` are the rows ``Targets.from_yolo`` packs for ours."""
+  sys.path.insert(0, str(_TESTS))
+  import oracle
+  import torch
+
   reference = oracle.reference_loss(config)
-  rows = torch.from_numpy(targets.to_yolo())
+  rows = torch.from_numpy(labels)
   imgs = torch.zeros(len(outputs[0]), 3, *hw)
 
   def inputs():
     return [torch.from_numpy(o).requires_grad_(True) for o in outputs]
 
+  def forward():
+    reference(inputs(), rows, imgs)
+
   def forward_backward():
     loss, _ = reference(inputs(), rows, imgs)
     loss.backward()
 
-  forward_backward()
-  forward = _best_ms(lambda: reference(inputs(), rows, imgs), repeats)
-  return forward, _best_ms(forward_backward, repeats)
+  return forward, forward_backward
 
 
-def main(argv: list[str] | None = None) -> None:
+def _upstream_missing() -> str | None:
+  """Why upstream cannot run here, or None."""
+  sys.path.insert(0, str(_TESTS))
+  try:
+    import oracle
+
+    oracle.reference_loss_module()
+  except ImportError as error:
+    return f'upstream not installed ({error})'
+  return None
+
+
+def worker(framework: str, args: argparse.Namespace) -> None:
+  """Serves timing requests on stdin, one JSON line each, answering on stdout.
+
+  A request ``{"boxes": n}`` builds (once per box count) the case and the
+  callables, makes one untimed call of each, then times ``repeats`` calls of
+  each and answers ``{"forward": [ms...], "backward": [ms...], "first_s": s}``.
+  """
+  missing = _upstream_missing() if framework == 'upstream' else None
+  print(json.dumps({'ready': missing is None, 'reason': missing}), flush=True)
+  if missing is not None:
+    return
+  build = _ours if framework == 'ours' else _upstream
+  cached, first = None, {}
+  for line in sys.stdin:
+    boxes = json.loads(line)['boxes']
+    if cached is None or cached[0] != boxes:
+      cached = None  # free the previous case first
+      case = make_case(boxes, args.batch, boxes, args.size, args.classes)
+      cached = (boxes, *build(*case))
+      start = time.perf_counter()
+      cached[1]()
+      cached[2]()
+      first[boxes] = time.perf_counter() - start
+    _, forward, forward_backward = cached
+    forward()
+    forward_backward()
+    time.sleep(_SETTLE_S)
+    forward_ms = _times_ms(forward, args.repeats)
+    backward_ms = _times_ms(forward_backward, args.repeats)
+    print(
+      json.dumps({'forward': forward_ms, 'backward': backward_ms, 'first_s': first[boxes]}),
+      flush=True,
+    )
+
+
+def memory_worker(args: argparse.Namespace) -> None:
+  """Ours only, alone in its process: B=16 with 300 boxes per image, forward+backward."""
+  import jax
+
+  boxes = 300
+  config, hw, labels, outputs = make_case(boxes, 16, boxes, args.size, args.classes)
+  targets = reorg_jax.Targets.from_yolo(labels, 16, boxes, num_classes=config.num_classes)
+  grad_fn = jax.jit(jax.value_and_grad(reorg_jax.aux_ota_loss, has_aux=True), static_argnums=(2, 3))
+  compiled = grad_fn.lower(outputs, targets, hw, config).compile()
+  analysis = compiled.memory_analysis()
+  start = time.perf_counter()
+  (loss, _), _ = jax.block_until_ready(compiled(outputs, targets))
+  elapsed = time.perf_counter() - start
+  peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+  temp = getattr(analysis, 'temp_size_in_bytes', 0) / 2**30 if analysis else float('nan')
+  print(
+    f'# memory: B=16, {boxes} boxes/image, fwd+bwd: loss {float(loss):.3f} in '
+    f'{elapsed:.1f} s, XLA temp buffers {temp:.2f} GiB, process peak RSS {peak_gib:.2f} GiB'
+  )
+
+
+class _Worker:
+  """One framework's worker process, spoken to over pipes."""
+
+  def __init__(self, framework: str, argv: list[str]):
+    self.framework = framework
+    self.process = subprocess.Popen(
+      [sys.executable, os.path.abspath(__file__), '--worker', framework, *argv],
+      stdin=subprocess.PIPE,
+      stdout=subprocess.PIPE,
+      text=True,
+    )
+    hello = self._read()
+    self.ready, self.reason = hello['ready'], hello['reason']
+
+  def _read(self) -> dict:
+    line = self.process.stdout.readline()
+    if not line:
+      code = self.process.wait()
+      raise RuntimeError(f'the {self.framework} worker exited with status {code}; see above')
+    return json.loads(line)
+
+  def time(self, boxes: int) -> dict:
+    self.process.stdin.write(json.dumps({'boxes': boxes}) + '\n')
+    self.process.stdin.flush()
+    return self._read()
+
+  def close(self) -> None:
+    if self.process.stdin:
+      self.process.stdin.close()
+    self.process.wait()
+
+
+def _cpu_name() -> str:
+  try:
+    with open('/proc/cpuinfo') as f:
+      for line in f:
+        if line.startswith('model name'):
+          return line.split(':', 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or platform.machine()
+
+
+def _spread(values: list[float], digits: int = 1, unit: str = '') -> str:
+  """``median [min-max]``."""
+  med, lo, hi = statistics.median(values), min(values), max(values)
+  return f'{med:.{digits}f}{unit} [{lo:.{digits}f}-{hi:.{digits}f}]'
+
+
+def _parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--batch', type=int, default=16)
   parser.add_argument('--size', type=int, default=640)
@@ -98,49 +245,83 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument('--boxes', type=int, nargs='+', default=[7, 30])
   parser.add_argument('--sweep', action='store_true', help='add 0..200 boxes per image')
   parser.add_argument('--memory', action='store_true', help='add B=16 x 300 boxes, ours only')
-  parser.add_argument('--repeats', type=int, default=7)
+  parser.add_argument('--repeats', type=int, default=5, help='timed calls per round (best kept)')
+  parser.add_argument('--rounds', type=int, default=5, help='alternating rounds per box count')
+  parser.add_argument('--worker', choices=['ours', 'upstream', 'memory'], help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
+  for name in ('batch', 'size', 'classes', 'repeats', 'rounds'):
+    if getattr(args, name) < 1:
+      parser.error(f'--{name} must be >= 1, got {getattr(args, name)}')
+  if min(args.boxes) < 0:
+    parser.error(f'--boxes must be >= 0, got {args.boxes}')
+  shared = [
+    f'--batch={args.batch}',
+    f'--size={args.size}',
+    f'--classes={args.classes}',
+    f'--repeats={args.repeats}',
+  ]
+  return args, shared
 
-  print(
-    f'# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, '
-    f'jax {jax.__version__} on {jax.devices()[0].platform}'
-  )
-  print(f'# B={args.batch}, {args.size}x{args.size}, C={args.classes}, best of {args.repeats}')
+
+def main(argv: list[str] | None = None) -> None:
+  args, shared = _parse(argv)
+  if args.worker == 'memory':
+    memory_worker(args)
+    return
+  if args.worker is not None:
+    worker(args.worker, args)
+    return
+
   counts = sorted(set(args.boxes + ([0, 10, 25, 50, 100, 200] if args.sweep else [])))
-  print('ms; ratio = upstream / ours')
   print(
-    f'{"boxes/img":>9} {"up fwd":>10} {"up f+b":>10} {"ours fwd":>10} {"ours f+b":>10} '
-    f'{"fwd ratio":>10} {"f+b ratio":>10}'
+    f'# {_cpu_name()}, {len(os.sched_getaffinity(0))} usable CPUs, '
+    f'load average {os.getloadavg()[0]:.2f} at start'
   )
-  for boxes in counts:
-    case = make_case(boxes, args.batch, boxes, args.size, args.classes)
-    forward, backward = time_ours(*case, args.repeats)
-    upstream = time_upstream(*case, max(1, min(args.repeats, 3)))
-    if upstream is None:
-      print(f'{boxes:>9} {"n/a":>10} {"n/a":>10} {forward:>10.1f} {backward:>10.1f}')
-    else:
-      up_forward, up_backward = upstream
-      print(
-        f'{boxes:>9} {up_forward:>10.1f} {up_backward:>10.1f} {forward:>10.1f} '
-        f'{backward:>10.1f} {up_forward / forward:>9.1f}x {up_backward / backward:>9.1f}x'
-      )
+  print(
+    f'# B={args.batch}, {args.size}x{args.size}, C={args.classes}; each framework in its own '
+    f'process, {args.rounds} alternating rounds of best-of-{args.repeats}'
+  )
+  workers = [_Worker('ours', shared), _Worker('upstream', shared)]
+  ours, upstream = workers
+  if not upstream.ready:
+    print(f'# {upstream.reason}: our times only')
+  print("ms: best of all rounds; median over rounds of each round's best [range over rounds]")
+  print('ratio = upstream / ours: of the two bests; round by round, median [range]')
+  print(
+    f'{"boxes/img":>9}  {"":<8} {"up best":>8} {"upstream rounds":>22} {"ours best":>9} '
+    f'{"ours rounds":>20} {"ratio":>6} {"ratio rounds":>18}'
+  )
+  try:
+    for boxes in counts:
+      results = {'ours': [], 'upstream': []}
+      for round_index in range(args.rounds):
+        order = workers if round_index % 2 == 0 else workers[::-1]
+        for w in order:
+          if w.ready:
+            results[w.framework].append(w.time(boxes))
+      for key, label in (('forward', 'fwd'), ('backward', 'fwd+bwd')):
+        ours_best = [min(r[key]) for r in results['ours']]
+        ours_text = f'{min(ours_best):>9.1f} {_spread(ours_best):>20}'
+        if upstream.ready:
+          up_best = [min(r[key]) for r in results['upstream']]
+          ratios = [u / o for u, o in zip(up_best, ours_best, strict=True)]
+          line = (
+            f'{min(up_best):>8.1f} {_spread(up_best):>22} {ours_text} '
+            f'{min(up_best) / min(ours_best):>5.1f}x {_spread(ratios, 1, "x"):>18}'
+          )
+        else:
+          line = f'{"n/a":>8} {"n/a":>22} {ours_text} {"n/a":>6} {"n/a":>18}'
+        print(f'{boxes:>9}  {label:<8} {line}', flush=True)
+      first = results['ours'][0]['first_s']
+      print(f'{"":>9}  (our first calls, compiling both: {first:.1f} s)', flush=True)
+  finally:
+    for w in workers:
+      w.close()
+  print(f'# load average {os.getloadavg()[0]:.2f} at end')
 
   if args.memory:
-    boxes = 300
-    config, hw, targets, outputs = make_case(boxes, 16, boxes, args.size, args.classes)
-    grad_fn = jax.jit(
-      jax.value_and_grad(reorg_jax.aux_ota_loss, has_aux=True), static_argnums=(2, 3)
-    )
-    compiled = grad_fn.lower(outputs, targets, hw, config).compile()
-    analysis = compiled.memory_analysis()
-    start = time.perf_counter()
-    (loss, _), _ = jax.block_until_ready(compiled(outputs, targets))
-    elapsed = time.perf_counter() - start
-    peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    temp = getattr(analysis, 'temp_size_in_bytes', 0) / 2**30 if analysis else float('nan')
-    print(
-      f'# memory: B=16, {boxes} boxes/image, fwd+bwd: loss {float(loss):.3f} in '
-      f'{elapsed:.1f} s, XLA temp buffers {temp:.2f} GiB, process peak RSS {peak_gib:.2f} GiB'
+    subprocess.run(
+      [sys.executable, os.path.abspath(__file__), '--worker', 'memory', *shared], check=True
     )
 
 
