@@ -1,6 +1,7 @@
 """Reading datasets in YOLO layout: a dataset YAML, image folders or lists, label files.
 
-Glossary: ``N`` boxes of an image, ``H``/``W`` image height/width.
+Glossary: ``N`` boxes of an image, ``H``/``W`` image height/width, ``P`` points
+of a polygon.
 
 The layout is upstream's::
 
@@ -19,8 +20,11 @@ The layout is upstream's::
   its path with ``labels`` and its suffix with ``.txt`` (next to the image
   when the path has no ``images`` folder). A missing label file means an image
   without boxes.
-* A label row ``class x1 y1 x2 y2 ... xk yk`` (a polygon, ``k >= 3``) counts as
-  its bounding box, as upstream reads segment labels.
+* A label row ``class x1 y1 x2 y2 ... xk yk`` (a polygon, ``k >= 3``, normalised)
+  is an object's segment: its box is the polygon's bounding box, and the
+  polygon is kept for the segment-aware augmentations (warp, paste_in). In a
+  file with polygon rows, a box row's segment is its rectangle (upstream would
+  pair segments and boxes up wrongly there).
 
 Problems are reported, never passed on silently: malformed label rows (wrong
 field count, non-numbers, non-finite values, class outside ``[0, nc)``,
@@ -32,6 +36,7 @@ warning naming the file, or raise in ``strict`` mode.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 from collections.abc import Sequence
@@ -158,30 +163,37 @@ def list_images(sources: Sequence[str | os.PathLike]) -> list[Path]:
   return images
 
 
-def parse_label_file(path: str | os.PathLike, *, num_classes: int) -> tuple[np.ndarray, list[str]]:
-  """Reads one label file.
+def read_label_file(
+  path: str | os.PathLike, *, num_classes: int
+) -> tuple[np.ndarray, tuple[np.ndarray, ...], list[str]]:
+  """Reads one label file, boxes and segments.
 
   Returns:
-    ``(labels, problems)``: ``[N, 5]`` float32 rows ``(class, cx, cy, w, h)``
-    of the well-formed lines, and one ``'<file>:<line>: <what>'`` message per
-    malformed line (an empty list when the file is fine). A missing file
-    gives no rows and no problems.
+    ``(labels, segments, problems)``: ``[N, 5]`` float32 rows ``(class, cx, cy,
+    w, h)`` of the well-formed lines; when any of them is a polygon, ``N``
+    float32 ``[P_i, 2]`` normalised ``(x, y)`` segments (a box row's is its
+    rectangle), else ``()``; and one ``'<file>:<line>: <what>'`` message per
+    malformed line (an empty list when the file is fine). A missing file gives
+    no rows and no problems.
   """
   path = Path(path)
   if not path.is_file():
-    return np.zeros((0, 5), np.float32), []
+    return np.zeros((0, 5), np.float32), (), []
   try:
     text = path.read_text()
   except (OSError, UnicodeDecodeError) as error:
-    return np.zeros((0, 5), np.float32), [f'{path}: cannot read label file: {error}']
-  rows, problems, seen = [], [], {}
+    return np.zeros((0, 5), np.float32), (), [f'{path}: cannot read label file: {error}']
+  rows, polygons, problems, seen = [], [], [], {}
   for number, line in enumerate(text.splitlines(), start=1):
     fields = line.split()
     if not fields:
       continue
     where = f'{path}:{number}'
     if len(fields) != 5 and (len(fields) < 7 or len(fields) % 2 == 0):
-      problems.append(f'{where}: expected "class cx cy w h" (5 fields), got {len(fields)}')
+      problems.append(
+        f'{where}: expected "class cx cy w h" (5 fields) or a polygon "class x1 y1 ... xk yk" '
+        f'(k >= 3), got {len(fields)} fields'
+      )
       continue
     try:
       values = np.asarray([float(f) for f in fields], np.float64)
@@ -198,9 +210,10 @@ def parse_label_file(path: str | os.PathLike, *, num_classes: int) -> tuple[np.n
     if ((values[1:] < 0) | (values[1:] > 1)).any():
       problems.append(f'{where}: coordinates must lie in [0, 1], got {" ".join(fields[1:])}')
       continue
-    if len(fields) > 5:  # Polygon: its bounding box.
-      xs, ys = values[1::2], values[2::2]
-      x1, x2, y1, y2 = xs.min(), xs.max(), ys.min(), ys.max()
+    polygon = None
+    if len(fields) > 5:  # Polygon: its bounding box, and the polygon itself.
+      polygon = values[1:].reshape(-1, 2)
+      (x1, y1), (x2, y2) = polygon.min(axis=0), polygon.max(axis=0)
       values = np.asarray([cls, (x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1])
     key = tuple(values.tolist())
     if key in seen:
@@ -208,7 +221,23 @@ def parse_label_file(path: str | os.PathLike, *, num_classes: int) -> tuple[np.n
       continue
     seen[key] = number
     rows.append(values)
+    polygons.append(polygon)
   labels = np.asarray(rows, np.float32).reshape(-1, 5)
+  if all(polygon is None for polygon in polygons):
+    return labels, (), problems
+  segments = []
+  for row, polygon in zip(labels, polygons, strict=True):
+    if polygon is None:
+      _, cx, cy, w, h = row.tolist()
+      polygon = [[cx - w / 2, cy - h / 2], [cx + w / 2, cy - h / 2]]
+      polygon += [[cx + w / 2, cy + h / 2], [cx - w / 2, cy + h / 2]]
+    segments.append(np.asarray(polygon, np.float32))
+  return labels, tuple(segments), problems
+
+
+def parse_label_file(path: str | os.PathLike, *, num_classes: int) -> tuple[np.ndarray, list[str]]:
+  """:func:`read_label_file` without the segments: ``(labels, problems)``."""
+  labels, _, problems = read_label_file(path, num_classes=num_classes)
   return labels, problems
 
 
@@ -228,11 +257,26 @@ class YoloDataset:
     labels: per image, ``[N, 5]`` float32 rows ``(class, cx, cy, w, h)``,
       normalised to the image.
     names: class names (``nc`` of them).
+    segments: per image, ``N`` float32 ``[P_i, 2]`` normalised polygons (one
+      per label row) or ``()`` when its label file has no polygon; ``()`` as a
+      whole: no image has any.
   """
 
   image_paths: tuple[Path, ...]
   labels: tuple[np.ndarray, ...]
   names: tuple[str, ...]
+  segments: tuple[tuple[np.ndarray, ...], ...] = ()
+
+  def __post_init__(self):
+    if self.segments and len(self.segments) != len(self.image_paths):
+      raise ValueError(
+        f'segments lists {len(self.segments)} images, the dataset {len(self.image_paths)}'
+      )
+    for index, (rows, own) in enumerate(zip(self.labels, self.segments, strict=False)):
+      if len(own) and len(own) != len(rows):
+        raise ValueError(
+          f'{self.image_paths[index]}: {len(own)} segments for {len(rows)} label rows'
+        )
 
   def __len__(self) -> int:
     return len(self.image_paths)
@@ -241,6 +285,15 @@ class YoloDataset:
   def num_classes(self) -> int:
     """``nc``."""
     return len(self.names)
+
+  @functools.cached_property
+  def has_segments(self) -> bool:
+    """Whether any image has segment (polygon) labels."""
+    return any(len(own) for own in self.segments)
+
+  def segments_of(self, index: int) -> tuple[np.ndarray, ...]:
+    """Image ``index``'s segments (``()`` when it has none)."""
+    return self.segments[index] if self.segments else ()
 
   @property
   def max_labels(self) -> int:
@@ -280,15 +333,16 @@ def load_split(
       (listing file and line); unreadable images when ``strict``.
   """
   names = tuple(names)
-  paths, labels, problems, unreadable = [], [], [], []
+  paths, labels, segments, problems, unreadable = [], [], [], [], []
   for image_path in list_images(sources):
     if check_images and read_image(image_path) is None:
       unreadable.append(image_path)
       continue
-    rows, issues = parse_label_file(label_path(image_path), num_classes=len(names))
+    rows, outlines, issues = read_label_file(label_path(image_path), num_classes=len(names))
     problems += issues
     paths.append(image_path)
     labels.append(rows)
+    segments.append(outlines)
   if unreadable:
     listed = ', '.join(str(p) for p in unreadable[:MAX_LISTED_PROBLEMS])
     more = len(unreadable) - MAX_LISTED_PROBLEMS
@@ -307,7 +361,12 @@ def load_split(
     )
   if not paths:
     raise DatasetError(f'no readable images in {list(map(str, sources))}')
-  return YoloDataset(image_paths=tuple(paths), labels=tuple(labels), names=names)
+  return YoloDataset(
+    image_paths=tuple(paths),
+    labels=tuple(labels),
+    names=names,
+    segments=tuple(segments) if any(segments) else (),
+  )
 
 
 def load_dataset(

@@ -40,10 +40,18 @@ def load_sample(
   """One training (``config`` given) or evaluation (``config=None``) sample.
 
   Training follows upstream's order: with probability ``mosaic`` a random
-  mosaic of this and three random images (with probability ``mixup`` blended
-  with a second such mosaic), else the image letterboxed and randomly warped;
-  then HSV jitter, up-down and left-right flips. Evaluation only resizes the
-  longer side to ``S`` and pads to a square.
+  mosaic of this and three random images (nine with probability ``mosaic9``),
+  with probability ``mixup`` blended with a second such mosaic, else the image
+  letterboxed and randomly warped; then HSV jitter; then, with probability
+  ``paste_in`` and only when the dataset has segments, objects cut out of
+  random mosaics (:func:`paste_objects`) pasted in; then up-down and
+  left-right flips. Mosaics are warped segment-aware when their images have
+  segments; the single-image warp uses the boxes, as upstream's. Evaluation
+  only resizes the longer side to ``S`` and pads to a square.
+
+  A draw for an option that cannot matter (``mosaic9`` at 0, ``paste_in``
+  at 0 or without segments) is not made, so such options leave the samples
+  of box-only datasets exactly as they were without them.
 
   Returns:
     ``(image, labels)``: ``[S, S, 3]`` uint8 RGB and ``[N, 5]`` float32 rows
@@ -51,12 +59,12 @@ def load_sample(
   """
   square = (image_size, image_size)
 
-  def fitted(i: int) -> tuple[np.ndarray, np.ndarray]:
+  def fitted(i: int) -> augment.Tile:
     image = augment.fit_long_side(data.load_image(i), size=image_size, antialias=config is None)
-    return image, data.labels[i]
+    return image, data.labels[i], data.segments_of(i)
 
   def boxed(i: int) -> tuple[np.ndarray, np.ndarray]:
-    image, labels = fitted(i)
+    image, labels, _ = fitted(i)
     h, w = image.shape[:2]
     pixels = augment.normalized_to_pixels(labels, width=w, height=h)
     image, pixels, _, _ = augment.letterbox(image, pixels, size=square, scaleup=True)
@@ -67,7 +75,8 @@ def load_sample(
     return image, augment.pixels_to_normalized(labels, width=image_size, height=image_size)
 
   def random_mosaic(first: int) -> tuple[np.ndarray, np.ndarray]:
-    others = rng.integers(0, len(data), 3)
+    nine = config.mosaic9 > 0 and rng.random() < config.mosaic9
+    others = rng.integers(0, len(data), 8 if nine else 3)
     tiles = [fitted(i) for i in (first, *others.tolist())]
     return augment.random_mosaic(tiles, rng=rng, size=image_size, config=config)
 
@@ -91,6 +100,9 @@ def load_sample(
   image = augment.augment_hsv(
     image, rng=rng, hgain=config.hsv_h, sgain=config.hsv_s, vgain=config.hsv_v
   )
+  if config.paste_in > 0 and data.has_segments and rng.random() < config.paste_in:
+    objects = paste_objects(data, image_size=image_size, rng=rng)
+    image, labels = augment.paste_in(image, labels, objects, rng=rng)
   if rng.random() < config.flipud:
     image, labels = augment.flip_ud(image, labels)
   if rng.random() < config.fliplr:
@@ -98,13 +110,63 @@ def load_sample(
   return image, augment.pixels_to_normalized(labels, width=image_size, height=image_size)
 
 
+def paste_objects(
+  data: dataset.YoloDataset, *, image_size: int, rng: np.random.Generator
+) -> list[tuple[int, np.ndarray, np.ndarray]]:
+  """Objects for :func:`augment.paste_in`, gathered as upstream's ``paste_in`` does.
+
+  Repeatedly: a 4-image mosaic of random images around a random centre (not
+  warped), of which :func:`augment.cut_objects` cuts a random half of the
+  objects, until :data:`augment.PASTE_POOL` objects are gathered, or none
+  came from the first mosaic.
+
+  Returns:
+    ``(class, patch [h, w, 3] uint8, mask [h, w] bool)`` per object.
+  """
+  objects: list[tuple[int, np.ndarray, np.ndarray]] = []
+  while len(objects) < augment.PASTE_POOL:
+    chosen = rng.integers(0, len(data), 4).tolist()
+    tiles = [
+      (
+        augment.fit_long_side(data.load_image(i), size=image_size, antialias=False),
+        data.labels[i],
+        data.segments_of(i),
+      )
+      for i in chosen
+    ]
+    center = tuple(int(v) for v in rng.uniform(image_size // 2, image_size + image_size // 2, 2))
+    canvas, labels, segments = augment.mosaic(tiles, size=image_size, center=center)
+    if segments is not None:
+      objects += augment.cut_objects(canvas, labels, segments, rng=rng)
+    if not objects:
+      break
+  return objects
+
+
+def augment_notes(data: dataset.YoloDataset, config: augment.AugmentConfig | None) -> list[str]:
+  """One-line notes on options that the dataset makes ineffective (printed at start)."""
+  notes = []
+  if config is not None and config.paste_in > 0 and not data.has_segments:
+    notes.append(
+      f'note: augment.paste_in = {config.paste_in} has no effect: the training labels have no '
+      'segments (polygon rows "class x1 y1 x2 y2 ..."), so there is nothing to cut out'
+    )
+  return notes
+
+
 def max_boxes_bound(data: dataset.YoloDataset, config: augment.AugmentConfig | None) -> int:
   """A ``max_boxes`` no sample can exceed: the most boxes of one image, times 4
-  with mosaic and times 2 more with mixup (augmentation only ever removes boxes)."""
+  with mosaic (9 when 9-image mosaics are on) and times 2 more with mixup, plus
+  one per paste_in attempt when the dataset has segments (augmentation removes
+  boxes otherwise)."""
+  if config is None:
+    return max(1, data.max_labels)
   factor = 1
-  if config is not None and config.mosaic > 0:
-    factor = 8 if config.mixup > 0 else 4
-  return max(1, data.max_labels * factor)
+  if config.mosaic > 0:
+    factor = 9 if config.mosaic9 > 0 else 4
+    factor *= 2 if config.mixup > 0 else 1
+  pasted = len(augment.PASTE_SCALES) if config.paste_in > 0 and data.has_segments else 0
+  return max(1, data.max_labels * factor + pasted)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

@@ -32,6 +32,9 @@ PALETTE = (
 )
 # Draw seeds are (seed, index, STREAM): a nonzero tag keeps them apart from other uses of a seed.
 STREAM = 7
+# Vertices of the polygon outlining a disc or ring (a multiple of 4, so that the
+# ellipse's extreme points are vertices).
+ELLIPSE_VERTICES = 32
 
 
 def _background(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
@@ -58,18 +61,22 @@ def _background(rng: np.random.Generator, height: int, width: int) -> np.ndarray
 
 def _shape_mask(
   rng: np.random.Generator, cls: int, height: int, width: int, box: tuple[int, int, int, int]
-) -> np.ndarray:
-  """``[H, W]`` bool pixels of shape ``cls`` drawn inside ``box = (x1, y1, x2, y2)``."""
+) -> tuple[np.ndarray, np.ndarray]:
+  """Shape ``cls`` drawn inside ``box = (x1, y1, x2, y2)``: ``[H, W]`` bool pixels and the
+  ``[P, 2]`` float64 outline in pixel-edge coordinates (draws nothing more from ``rng``)."""
   x1, y1, x2, y2 = box
   w, h = x2 - x1, y2 - y1
   mask = np.zeros((height, width), np.uint8)
   thickness = max(2, round(min(w, h) * rng.uniform(0.15, 0.25)))
   name = CLASS_NAMES[cls]
+  rectangle = np.asarray([[x1, y1], [x2, y1], [x2, y2], [x1, y2]], np.float64)
   if name == 'box':
     cv2.rectangle(mask, (x1, y1), (x2 - 1, y2 - 1), 1, thickness=-1)
+    outline = rectangle
   elif name == 'frame':
     mask[y1:y2, x1:x2] = 1
     mask[y1 + thickness : y2 - thickness, x1 + thickness : x2 - thickness] = 0
+    outline = rectangle
   elif name in ('disc', 'ring'):
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32) + 0.5
     rx, ry = w / 2, h / 2
@@ -77,18 +84,29 @@ def _shape_mask(
     if name == 'ring':
       outer &= ((xx - rx) / (rx - thickness)) ** 2 + ((yy - ry) / (ry - thickness)) ** 2 > 1
     mask[y1:y2, x1:x2] = outer
+    angle = np.arange(ELLIPSE_VERTICES) * 2 * np.pi / ELLIPSE_VERTICES
+    outline = np.stack([x1 + rx * (1 + np.cos(angle)), y1 + ry * (1 + np.sin(angle))], axis=1)
   elif name == 'triangle':
     apex = x1 + int(rng.integers(0, w))
     points = np.asarray([[apex, y1], [x1, y2 - 1], [x2 - 1, y2 - 1]], np.int32)
+    # Pixel edges: apex pixel's centre at the top, the base along the bottom edge.
+    outline = np.asarray([[apex + 0.5, y1], [x2, y2], [(x1 + x2) / 2, y2], [x1, y2]], np.float64)
     if rng.random() < 0.5:  # Upside down.
       points[:, 1] = y1 + y2 - 1 - points[:, 1]
+      outline[:, 1] = y1 + y2 - outline[:, 1]
     cv2.fillPoly(mask, [points], 1)
   else:  # Cross: a horizontal and a vertical bar.
     cx, cy = (x1 + x2) // 2, (y1 + y2) // 2
     half = thickness // 2 + 1
     mask[y1:y2, cx - half : cx + half] = 1
     mask[cy - half : cy + half, x1:x2] = 1
-  return mask.astype(bool)
+    a, b, c, d = cx - half, cx + half, cy - half, cy + half
+    outline = np.asarray(
+      [[a, y1], [b, y1], [b, c], [x2, c], [x2, d], [b, d]]
+      + [[b, y2], [a, y2], [a, d], [x1, d], [x1, c], [a, c]],
+      np.float64,
+    )
+  return mask.astype(bool), outline
 
 
 def make_image(
@@ -99,7 +117,8 @@ def make_image(
   max_objects: int = 6,
   min_size: float = 0.04,
   max_size: float = 0.35,
-) -> tuple[np.ndarray, np.ndarray]:
+  with_polygons: bool = False,
+) -> tuple[np.ndarray, np.ndarray] | tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
   """Draws image ``index`` of the dataset of ``seed``.
 
   Args:
@@ -110,10 +129,14 @@ def make_image(
     min_size: smallest shape side as a fraction of the shorter image side
       (never below 8 pixels; 0.04 is about 10 pixels at 256).
     max_size: largest shape side, same units.
+    with_polygons: also return the shapes' outlines (the image and labels do
+      not depend on it).
 
   Returns:
     ``(image, labels)``: ``[H, W, 3]`` uint8 RGB and ``[N, 5]`` float32 rows
-    ``(class, cx, cy, w, h)``, the tight normalised boxes of the drawn shapes.
+    ``(class, cx, cy, w, h)``, the tight normalised boxes of the drawn shapes;
+    with ``with_polygons``, third, ``N`` float32 ``[P_i, 2]`` normalised
+    ``(x, y)`` outlines whose bounding boxes are the labels' boxes.
   """
   height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
   if min(height, width) < 32:
@@ -127,7 +150,7 @@ def make_image(
   short = min(height, width)
   lo, hi = max(8, round(min_size * short)), max(8, round(max_size * short))
   taken = np.zeros((height, width), bool)
-  rows = []
+  rows, polygons = [], []
   for _ in range(int(rng.integers(1, max_objects + 1))):
     for _attempt in range(20):
       w, h = (int(v) for v in rng.integers(lo, hi + 1, 2))
@@ -138,12 +161,16 @@ def make_image(
     else:
       continue  # No room left for this shape.
     cls = int(rng.integers(len(CLASS_NAMES)))
-    mask = _shape_mask(rng, cls, height, width, (x1, y1, x1 + w, y1 + h))
+    mask, outline = _shape_mask(rng, cls, height, width, (x1, y1, x1 + w, y1 + h))
     colour = np.asarray(PALETTE[rng.integers(len(PALETTE))], np.float32) * rng.uniform(0.75, 1.0)
     image[mask] = colour.astype(np.uint8)
     taken[y1 : y1 + h, x1 : x1 + w] = True
     ys, xs = np.nonzero(mask)
     bx1, bx2, by1, by2 = xs.min(), xs.max() + 1, ys.min(), ys.max() + 1
+    # The outline, stretched so that its bounding box is exactly the drawn pixels' box.
+    low, high = outline.min(axis=0), outline.max(axis=0)
+    tight = (outline - low) / (high - low) * [bx2 - bx1, by2 - by1] + [bx1, by1]
+    polygons.append((tight / [width, height]).astype(np.float32))
     rows.append(
       [
         cls,
@@ -153,13 +180,22 @@ def make_image(
         (by2 - by1) / height,
       ]
     )
-  return image, np.asarray(rows, np.float32).reshape(-1, 5)
+  labels = np.asarray(rows, np.float32).reshape(-1, 5)
+  return (image, labels, polygons) if with_polygons else (image, labels)
 
 
-def format_labels(labels: np.ndarray) -> str:
-  """``[N, 5]`` rows as the text of a YOLO label file."""
+def format_labels(labels: np.ndarray, polygons: list[np.ndarray] | None = None) -> str:
+  """``[N, 5]`` rows as the text of a YOLO label file; with ``polygons`` (``N`` normalised
+  ``[P_i, 2]``), polygon rows ``class x1 y1 ... xk yk`` instead of boxes."""
+  if polygons is None:
+    return ''.join(
+      f'{int(row[0])} {row[1]:.6f} {row[2]:.6f} {row[3]:.6f} {row[4]:.6f}\n' for row in labels
+    )
+  if len(polygons) != len(labels):
+    raise ValueError(f'{len(polygons)} polygons for {len(labels)} label rows')
   return ''.join(
-    f'{int(row[0])} {row[1]:.6f} {row[2]:.6f} {row[3]:.6f} {row[4]:.6f}\n' for row in labels
+    f'{int(row[0])} ' + ' '.join(f'{v:.6f}' for v in polygon.reshape(-1)) + '\n'
+    for row, polygon in zip(labels, polygons, strict=True)
   )
 
 
@@ -170,6 +206,7 @@ def write_dataset(
   num_val: int,
   image_size: int | tuple[int, int],
   seed: int,
+  polygons: bool = False,
 ) -> Path:
   """Writes a synthetic dataset in YOLO layout under ``root``.
 
@@ -177,6 +214,8 @@ def write_dataset(
   and ``data.yaml`` (``train``, ``val``, ``nc``, ``names``). Training images
   are indices ``0 .. num_train - 1`` of :func:`make_image`, validation images
   the next ``num_val``; rewriting with the same arguments gives identical files.
+  With ``polygons``, label rows are the shapes' outlines (segment labels)
+  rather than boxes; the images are the same.
 
   Returns:
     Path of ``data.yaml``.
@@ -190,11 +229,12 @@ def write_dataset(
     image_dir.mkdir(parents=True, exist_ok=True)
     label_dir.mkdir(parents=True, exist_ok=True)
     for index in indices:
-      image, labels = make_image(seed, index, image_size=image_size)
+      image, labels, outlines = make_image(seed, index, image_size=image_size, with_polygons=True)
       stem = f'{index:06d}'
       if not cv2.imwrite(str(image_dir / f'{stem}.png'), cv2.cvtColor(image, cv2.COLOR_RGB2BGR)):
         raise OSError(f'cannot write {image_dir / stem}.png')
-      (label_dir / f'{stem}.txt').write_text(format_labels(labels))
+      text = format_labels(labels, outlines if polygons else None)
+      (label_dir / f'{stem}.txt').write_text(text)
   config = {
     'train': 'images/train',
     'val': 'images/val',

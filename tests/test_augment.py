@@ -16,6 +16,7 @@ def test_config_defaults_are_hyp_scratch_p6():
   config = augment.AugmentConfig()
   expected = dict(hsv_h=0.015, hsv_s=0.7, hsv_v=0.4, degrees=0.0, translate=0.2, scale=0.9)
   expected.update(shear=0.0, perspective=0.0, flipud=0.0, fliplr=0.5, mosaic=1.0, mixup=0.15)
+  expected.update(paste_in=0.15, mosaic9=0.0)  # mosaic9 is no hyp key (upstream's code: 0.2).
   assert dataclasses.asdict(config) == expected
 
 
@@ -159,7 +160,8 @@ def test_mosaic_places_tiles_around_the_centre():
     (np.full((30, 40, 3), c, np.uint8), _rows([k, 0.5, 0.5, 0.5, 0.5]))
     for k, c in enumerate(colours)
   ]
-  canvas, labels = augment.mosaic(tiles, size=32, center=(45, 20))
+  canvas, labels, segments = augment.mosaic(tiles, size=32, center=(45, 20))
+  assert segments is None
   assert canvas.shape == (64, 64, 3)
   assert canvas[0, 5, 0] == 10 and canvas[19, 44, 0] == 10  # Top left, cut at y = 0.
   assert canvas[0, 45, 0] == 20 and canvas[19, 63, 0] == 20  # Top right, cut at x = 64.

@@ -98,6 +98,7 @@ def dataset_yaml(config: dict[str, Any], *, workdir: Path) -> Path:
       num_val=spec['num_val'],
       image_size=spec['image_size'],
       seed=spec['seed'],
+      polygons=spec['polygons'],
     )
     shutil.rmtree(root, ignore_errors=True)
     partial.rename(root)
@@ -412,6 +413,8 @@ def _run_locked(
       f'{devices} {jax.devices()[0].platform} device(s); run directory {workdir}'
       + (f'; resumed at step {start}' if start else '')
     )
+    for note in loader.augment_notes(train_data, aug):
+      progress.write(note)
 
   g = start
   rate = 0.0
