@@ -23,7 +23,6 @@ best run's milliseconds per sample are printed with the cost added over
 from __future__ import annotations
 
 import argparse
-import builtins
 import json
 import os
 import pathlib
@@ -79,28 +78,14 @@ def _ours(root: pathlib.Path, args) -> dict[str, float]:
   return results
 
 
-class _Progress:
-  """Upstream's label scan sets ``pbar.desc`` on a plain ``zip``."""
-
-  def __init__(self, *iterables):
-    self._items = builtins.zip(*iterables, strict=True)
-    self.desc = ''
-
-  def __iter__(self):
-    return self._items
-
-  def close(self):
-    pass
-
-
 def _upstream(root: pathlib.Path, args) -> dict[str, float]:
   sys.path.insert(0, str(_TESTS))
   import random
 
-  import oracle  # noqa: F401  (the torchvision stand-in)
+  import oracle  # the torchvision stand-in, and the label scan's progress bar
   from sas_yolov7.utils import datasets as reference
 
-  reference.zip = _Progress
+  reference.zip = oracle.LabelScanProgress
   sets = {
     name: reference.LoadImagesAndLabels(
       str(root / name / 'images' / 'train'), img_size=args.size, augment=True, hyp=_hyp()

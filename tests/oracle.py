@@ -8,6 +8,7 @@ stand-in is a function that raises if it is ever called.
 
 from __future__ import annotations
 
+import builtins
 import sys
 import types
 
@@ -37,6 +38,25 @@ def install_torchvision_stand_in() -> None:
 
 
 install_torchvision_stand_in()
+
+
+class LabelScanProgress:
+  """A stand-in for the progress bar of upstream's ``LoadImagesAndLabels`` label scan.
+
+  The package dropped tqdm but still sets ``pbar.desc`` on what its label scan
+  iterates (a plain ``zip`` now). Put this class in place of that module's
+  ``zip`` while building a ``LoadImagesAndLabels``.
+  """
+
+  def __init__(self, *iterables):
+    self._items = builtins.zip(*iterables, strict=True)
+    self.desc = ''
+
+  def __iter__(self):
+    return self._items
+
+  def close(self):
+    pass
 
 
 def reference_loss_module():

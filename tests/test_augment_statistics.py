@@ -25,9 +25,8 @@ with float rounding (a box exactly at a threshold is rare), so the margin of
 two orders of magnitude cannot be crossed by it.
 """
 
-import builtins
-
 import numpy as np
+import oracle
 import pytest
 import yaml
 from sas_yolov7.utils import datasets as reference
@@ -39,20 +38,6 @@ SIZE = 96
 SAMPLES = 300
 P_MIN = 1e-3
 HYP_PATH = reference.Path(reference.__file__).parent.parent / 'data' / 'hyp.scratch.p6.yaml'
-
-
-class _Progress:
-  """Upstream's label scan still sets ``pbar.desc`` on a plain ``zip``: a zip that takes it."""
-
-  def __init__(self, *iterables):
-    self._items = builtins.zip(*iterables, strict=True)
-    self.desc = ''
-
-  def __iter__(self):
-    return self._items
-
-  def close(self):
-    pass
 
 
 @pytest.fixture(scope='module')
@@ -69,7 +54,7 @@ def upstream_set(polygon_set):
   root, _ = polygon_set
   hyp = yaml.safe_load(HYP_PATH.read_text())
   with pytest.MonkeyPatch.context() as patch:
-    patch.setattr(reference, 'zip', _Progress, raising=False)
+    patch.setattr(reference, 'zip', oracle.LabelScanProgress, raising=False)
     data = reference.LoadImagesAndLabels(
       str(root / 'images' / 'train'), img_size=SIZE, batch_size=4, augment=True, hyp=hyp
     )
