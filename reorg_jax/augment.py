@@ -335,8 +335,8 @@ def segment_boxes(points: np.ndarray, *, width: float, height: float) -> np.ndar
     ``[N, 4]`` float64 ``(x1, y1, x2, y2)``; all zeros for a polygon with no
     point inside (which :func:`box_candidates` then removes).
   """
+  inside = ((points >= 0) & (points <= np.asarray([width, height]))).all(axis=-1)  # [N, P]
   x, y = points[..., 0], points[..., 1]
-  inside = (x >= 0) & (y >= 0) & (x <= width) & (y <= height)
   boxes = np.stack(
     [
       np.where(inside, x, np.inf).min(axis=-1),
