@@ -113,7 +113,8 @@ class Table:
 
 
 def _format(value: float) -> str:
-  return str(int(value)) if float(value).is_integer() and abs(value) < 2**53 else f'{value:.6g}'
+  """Integers as such; other values with 9 significant digits (a float32 reads back exactly)."""
+  return str(int(value)) if float(value).is_integer() and abs(value) < 2**53 else f'{value:.9g}'
 
 
 def plot_epochs(rows: list[dict[str, float]], directory: str | os.PathLike) -> None:

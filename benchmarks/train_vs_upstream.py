@@ -1,0 +1,473 @@
+"""The same training run in upstream PyTorch and in reorg-jax, step by step.
+
+Both sides start from the same weights, consume the same batches and are
+evaluated by the same code, so what differs is only the model, the loss, the
+optimiser recipe and the EMA:
+
+* **Weights.** Our model is initialised exactly as ``python -m train`` does
+  (``create_train_state`` with ``jax.random.key(seed)``), exported with
+  :func:`reorg_jax.convert.export_state_dict` and loaded (strictly) into
+  upstream's ``Model`` built from the same model YAML.
+* **Batches.** Both sides read :class:`reorg_jax.loader.BatchLoader` with the
+  run's seed and augmentation: every batch is a pure function of
+  ``(seed, epoch, step)``, so the two processes build identical batches.
+* **Ours** is ``python -m train`` itself (:func:`train.loop.run`) with the
+  resolved configuration: its ``steps.csv`` and ``results.csv`` are the
+  demo's.
+* **Upstream** is the reference package's ``Model``, ``ComputeLossAuxOTA``
+  and ``ModelEMA`` with torch's Nesterov ``SGD`` over upstream's three
+  parameter groups and ``LambdaLR``, in ``train_aux.py``'s loop (not in the
+  package; :mod:`upstream_train_aux` writes it from its formulas and lists
+  them). Its hyper-parameters are upstream's ``hyp.scratch.p6.yaml`` with
+  the run's ``recipe`` and ``loss`` values on top, so a default of ours that
+  drifted from upstream's file shows as a difference.
+* **Evaluation.** After every epoch each side's EMA weights are scored on the
+  validation split by the same selection (:func:`reorg_jax.inference.select_detections`,
+  from upstream's decoded outputs on its side) and the same
+  :class:`reorg_jax.evaluate.DetectionEvaluator` with the run's ``eval``
+  thresholds, so the metrics differ only by training.
+
+Each side runs in its own worker process, one after the other, so neither's
+thread pool slows the other. Outputs in ``--out``:
+
+* ``ours/`` and ``upstream/``: each side's ``steps.csv`` (per-step total and
+  box/obj/cls losses and the decay group's learning rate), ``results.csv``
+  (per-epoch metrics), ``weights.npz`` (final raw and EMA state in
+  upstream's names) and ``timing.json`` (wall seconds);
+* ``steps.csv`` (both sides' losses and their relative difference per
+  step), ``epochs.csv`` (both sides' metrics), ``weights.csv`` (per tensor,
+  the largest absolute and the relative difference of the final raw and EMA
+  weights and BatchNorm statistics) and ``train_vs_upstream.png`` (the
+  curves overlaid).
+
+The last line printed is::
+
+  agreement: steps=<n> first_divergence_step=<k> loss_rel_err_first50=<x> map50_ours=<a> map50_upstream=<b>
+
+``first_divergence_step`` is the first step whose total losses differ by
+more than 1e-3 relative (``none`` if no step does), ``loss_rel_err_first50``
+the largest relative difference over the first 50 steps, and the mAP@0.5
+values those of the last evaluated epoch (``nan`` when no epoch ended).
+
+    python benchmarks/train_vs_upstream.py                 # the default demo, seed 0
+    python benchmarks/train_vs_upstream.py --epochs 2 --seed 1 --out runs/agreement
+    python benchmarks/train_vs_upstream.py --steps 3       # a few steps, no evaluation
+
+Needs the test extra (``pip install -e '.[test]'``: torch and the reference
+package).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import time
+from typing import Any
+
+import numpy as np
+
+_ROOT = pathlib.Path(__file__).resolve().parents[1]
+_TESTS = _ROOT / 'tests'
+DIVERGENCE = 1e-3  # Relative difference of the total loss that counts as diverged.
+FIRST_STEPS = 50  # Steps over which loss_rel_err_first50 is taken.
+STEP_COLUMNS = ('step', 'epoch', 'loss', 'box', 'obj', 'cls', 'lr')
+EPOCH_COLUMNS = ('epoch', 'step', 'precision', 'recall', 'map50', 'map50_95')
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+  parser.add_argument('--config', help='override YAML (default: train/configs/default.yaml)')
+  parser.add_argument('--epochs', type=int, help='train.epochs')
+  parser.add_argument('--seed', type=int, help='seed (weights, data order, augmentation)')
+  parser.add_argument('--steps', type=int, help='train.max_steps: stop after this many steps')
+  parser.add_argument('--data', help='dataset YAML (default: the synthetic dataset)')
+  parser.add_argument('--out', default='runs/train_vs_upstream', help='output directory')
+  parser.add_argument(
+    '--sides',
+    default='ours,upstream',
+    help='sides to (re)run, comma-separated; a side not run is read from --out',
+  )
+  parser.add_argument('--worker', choices=('ours', 'upstream'), help=argparse.SUPPRESS)
+  return parser.parse_args(argv)
+
+
+# --- The run's configuration and starting point, shared by both workers ---------------------
+
+
+def resolve_config(
+  args: argparse.Namespace, out: pathlib.Path, *, reused: list[str]
+) -> dict[str, Any]:
+  """The checked configuration of the run, its dataset written, saved as ``out/config.yaml``.
+
+  Raises:
+    SystemExit: an option upstream's recipe cannot follow (bfloat16, the
+      other step rule), or a side in ``reused`` (read from ``out``, not
+      rerun) was trained with other options (each differing key is named).
+  """
+  from train import config as config_lib
+  from train import loop
+
+  overrides = {
+    'seed': args.seed,
+    'train.epochs': args.epochs,
+    'train.max_steps': args.steps,
+    'data.yaml': args.data,
+    'log.progress': False,
+  }
+  config = config_lib.load(config_path=args.config, overrides=overrides)
+  if config['model']['compute_dtype'] != 'float32':
+    raise SystemExit(
+      f'model.compute_dtype = {config["model"]["compute_dtype"]}: the comparison trains both '
+      'sides in float32 (upstream on CPU has no mixed precision); set it to float32'
+    )
+  if config['recipe']['step_since_last']:
+    raise SystemExit(
+      "recipe.step_since_last = true is not train_aux.py's step rule (ni % accumulate == 0); "
+      'set it to false to compare with upstream'
+    )
+  out.mkdir(parents=True, exist_ok=True)
+  config['data']['yaml'] = str(loop.dataset_yaml(config, workdir=out).resolve())
+  saved = out / 'config.yaml'
+  if reused and saved.is_file():
+    before = config_lib.flatten(config_lib.read_yaml(saved))
+    now = config_lib.flatten(config)
+    changed = [f'{k}: {before.get(k)!r} -> {now.get(k)!r}' for k in now if before.get(k) != now[k]]
+    if changed:
+      raise SystemExit(
+        f'{out}: the {" and ".join(reused)} run there used other options ('
+        + '; '.join(changed)
+        + '); rerun it (--sides ours,upstream) or choose another --out'
+      )
+  config_lib.dump(config, saved)
+  return config
+
+
+def run_pieces(config: dict[str, Any]) -> dict[str, Any]:
+  """Splits, loaders, model, schedule and loss gains exactly as :func:`train.loop.run` builds them."""
+  import reorg_jax
+  from reorg_jax import loader, optim
+  from train import config as config_lib
+  from train import loop
+
+  train_data, val_data = loop._load_splits(config, pathlib.Path(config['data']['yaml']))
+  tcfg, ecfg = config['train'], config['eval']
+  aug = config_lib.augmentation(config)
+  feed = loader.BatchLoader(
+    train_data,
+    batch_size=tcfg['batch_size'],
+    image_size=tcfg['image_size'],
+    max_boxes=loader.max_boxes_bound(train_data, aug),
+    seed=config['seed'],
+    config=aug,
+    shuffle=True,
+    drop_last=True,
+    num_threads=tcfg['loader_threads'],
+  )
+  val_feed = loader.BatchLoader(
+    val_data,
+    batch_size=ecfg['batch_size'],
+    image_size=tcfg['image_size'],
+    max_boxes=loader.max_boxes_bound(val_data, None),
+    seed=config['seed'],
+    config=None,
+    shuffle=False,
+    drop_last=False,
+    num_threads=tcfg['loader_threads'],
+  )
+  num_classes = train_data.num_classes
+  model = config_lib.build_model(config, num_classes=num_classes)
+  schedule = optim.Schedule(
+    epochs=tcfg['epochs'],
+    batch_size=tcfg['batch_size'],
+    steps_per_epoch=feed.steps_per_epoch,
+    recipe=config_lib.recipe(config),
+  )
+  loss_config = optim.scaled_loss_gains(
+    reorg_jax.LossConfig(
+      num_classes=num_classes,
+      anchors=model.anchors,
+      strides=model.strides,
+      balance=reorg_jax.config.upstream_balance(len(model.strides)),
+      **config['loss'],
+    ),
+    image_size=tcfg['image_size'],
+  )
+  return {
+    'feed': feed,
+    'val_feed': val_feed,
+    'num_classes': num_classes,
+    'model': model,
+    'schedule': schedule,
+    'loss_config': loss_config,
+  }
+
+
+def initial_state_dict(config: dict[str, Any], pieces: dict[str, Any]) -> dict[str, np.ndarray]:
+  """The starting weights of ``python -m train`` for this config, in upstream's names."""
+  import jax
+
+  from reorg_jax import convert
+  from reorg_jax import train as train_lib
+
+  _, state = train_lib.create_train_state(
+    pieces['model'],
+    rng=jax.random.key(config['seed']),
+    image_size=config['train']['image_size'],
+    schedule=pieces['schedule'],
+    loss_config=pieces['loss_config'],
+  )
+  exported = convert.export_state_dict(pieces['model'], state.variables(use_ema=False))
+  return {k: np.asarray(v) for k, v in exported.items()}
+
+
+def total_steps(config: dict[str, Any], schedule: Any) -> int:
+  steps = schedule.total_steps
+  if config['train']['max_steps'] is not None:
+    steps = min(steps, config['train']['max_steps'])
+  return steps
+
+
+def write_csv(path: pathlib.Path, columns: tuple[str, ...], rows: list[dict[str, Any]]) -> None:
+  with open(path, 'w', newline='') as f:
+    writer = csv.DictWriter(f, fieldnames=columns, extrasaction='ignore')
+    writer.writeheader()
+    writer.writerows(rows)
+
+
+def read_csv(path: pathlib.Path) -> list[dict[str, float]]:
+  with open(path, newline='') as f:
+    return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+# --- Ours: python -m train ---------------------------------------------------------------------
+
+
+def run_ours(config: dict[str, Any], side: pathlib.Path) -> None:
+  import shutil
+
+  from reorg_jax import convert
+  from train import loop
+
+  pieces = run_pieces(config)
+  for opened in (pieces['feed'], pieces['val_feed']):
+    opened.close()
+  shutil.rmtree(side, ignore_errors=True)
+  started = time.perf_counter()
+  result = loop.run(config, workdir=side, resume=False)
+  seconds = time.perf_counter() - started
+  model = pieces['model']
+  raw = convert.export_state_dict(model, result.state.variables(use_ema=False))
+  ema = convert.export_state_dict(model, result.state.variables(use_ema=True))
+  np.savez(
+    side / 'weights.npz',
+    **{f'raw/{k}': np.asarray(v) for k, v in raw.items()},
+    **{f'ema/{k}': np.asarray(v) for k, v in ema.items()},
+  )
+  (side / 'timing.json').write_text(json.dumps({'seconds': seconds, 'steps': result.steps}))
+
+
+def run_upstream(config: dict[str, Any], side: pathlib.Path) -> None:
+  import upstream_train_aux
+
+  pieces = run_pieces(config)
+  start = initial_state_dict(config, pieces)
+  np.savez(side / 'initial.npz', **start)
+  try:
+    result = upstream_train_aux.train(
+      config,
+      start=start,
+      feed=pieces['feed'],
+      val_feed=pieces['val_feed'],
+      schedule=pieces['schedule'],
+      num_classes=pieces['num_classes'],
+      total=total_steps(config, pieces['schedule']),
+    )
+  finally:
+    pieces['feed'].close()
+    pieces['val_feed'].close()
+  write_csv(side / 'steps.csv', STEP_COLUMNS, result.steps)
+  write_csv(side / 'results.csv', EPOCH_COLUMNS, result.epochs)
+  np.savez(
+    side / 'weights.npz',
+    **{f'raw/{k}': v for k, v in result.raw.items()},
+    **{f'ema/{k}': v for k, v in result.ema.items()},
+  )
+  (side / 'timing.json').write_text(
+    json.dumps({'seconds': result.seconds, 'steps': len(result.steps)})
+  )
+
+
+# --- Comparison --------------------------------------------------------------------------------
+
+
+def compare(out: pathlib.Path) -> dict[str, Any]:
+  """Writes the joined tables and the figure; returns the agreement figures."""
+  ours = {int(r['step']): r for r in read_csv(out / 'ours' / 'steps.csv')}
+  upstream = {int(r['step']): r for r in read_csv(out / 'upstream' / 'steps.csv')}
+  shared = sorted(set(ours) & set(upstream))
+  rows, divergence, first = [], None, 0.0
+  for step in shared:
+    a, b = ours[step]['loss'], upstream[step]['loss']
+    rel = abs(a - b) / max(abs(b), 1e-12)
+    if divergence is None and not rel <= DIVERGENCE:
+      divergence = step
+    if step < FIRST_STEPS:
+      first = max(first, rel)
+    row = {'step': step, 'epoch': int(ours[step]['epoch']), 'rel_err': rel}
+    for part in ('loss', 'box', 'obj', 'cls'):
+      row[f'{part}_ours'], row[f'{part}_upstream'] = ours[step][part], upstream[step][part]
+    rows.append(row)
+  columns = ('step', 'epoch', 'rel_err') + tuple(
+    f'{p}_{s}' for p in ('loss', 'box', 'obj', 'cls') for s in ('ours', 'upstream')
+  )
+  write_csv(out / 'steps.csv', columns, rows)
+
+  ours_epochs = read_csv(out / 'ours' / 'results.csv')
+  upstream_epochs = {int(r['epoch']): r for r in read_csv(out / 'upstream' / 'results.csv')}
+  epoch_rows = []
+  for row in ours_epochs:
+    other = upstream_epochs.get(int(row['epoch']))
+    if other is None:
+      continue
+    joined = {'epoch': int(row['epoch'])}
+    for key in ('precision', 'recall', 'map50', 'map50_95'):
+      joined[f'{key}_ours'], joined[f'{key}_upstream'] = row[key], other[key]
+    epoch_rows.append(joined)
+  write_csv(
+    out / 'epochs.csv',
+    ('epoch',)
+    + tuple(
+      f'{k}_{s}' for k in ('precision', 'recall', 'map50', 'map50_95') for s in ('ours', 'upstream')
+    ),
+    epoch_rows,
+  )
+  weight_rows = weight_differences(out)
+  write_csv(out / 'weights.csv', ('which', 'tensor', 'max_abs', 'rel'), weight_rows)
+  plot(out, rows, epoch_rows)
+  last = epoch_rows[-1] if epoch_rows else {}
+  return {
+    'steps': len(shared),
+    'first_divergence_step': 'none' if divergence is None else divergence,
+    'loss_rel_err_first50': first,
+    'map50_ours': last.get('map50_ours', float('nan')),
+    'map50_upstream': last.get('map50_upstream', float('nan')),
+    'weights': weight_rows,
+  }
+
+
+def weight_differences(out: pathlib.Path) -> list[dict[str, Any]]:
+  """Per floating tensor of the final raw and EMA state: largest and relative difference."""
+  ours, upstream = np.load(out / 'ours' / 'weights.npz'), np.load(out / 'upstream' / 'weights.npz')
+  rows = []
+  for key in upstream.files:
+    which, name = key.split('/', 1)
+    want = upstream[key]
+    if not np.issubdtype(want.dtype, np.floating) or 'anchor' in name:
+      continue
+    got = ours[key].astype(np.float64)
+    diff = got - want.astype(np.float64)
+    norm = np.linalg.norm(want.astype(np.float64))
+    rows.append(
+      {
+        'which': which,
+        'tensor': name,
+        'max_abs': float(np.max(np.abs(diff))) if diff.size else 0.0,
+        'rel': float(np.linalg.norm(diff) / norm) if norm > 0 else float(np.linalg.norm(diff)),
+      }
+    )
+  return rows
+
+
+def plot(out: pathlib.Path, rows: list[dict[str, Any]], epoch_rows: list[dict[str, Any]]) -> None:
+  import matplotlib
+
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+
+  fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+  steps = [r['step'] for r in rows]
+  for side, style in (('upstream', '-'), ('ours', '--')):
+    left.plot(steps, [r[f'loss_{side}'] for r in rows], style, lw=1, label=side)
+  left.set_yscale('log')
+  left.set_xlabel('step')
+  left.set_ylabel('total loss (per image)')
+  left.legend()
+  if epoch_rows:
+    epochs = [r['epoch'] + 1 for r in epoch_rows]
+    for side, style in (('upstream', 'o-'), ('ours', 's--')):
+      right.plot(epochs, [r[f'map50_{side}'] for r in epoch_rows], style, ms=3, label=side)
+    right.set_xlabel('epoch')
+    right.set_ylabel('mAP@0.5 (EMA, validation)')
+    right.legend()
+  else:
+    right.text(0.5, 0.5, 'no epoch evaluated', ha='center', va='center')
+  fig.tight_layout()
+  fig.savefig(out / 'train_vs_upstream.png', dpi=110)
+  plt.close(fig)
+
+
+def agreement_line(figures: dict[str, Any]) -> str:
+  return (
+    f'agreement: steps={figures["steps"]} '
+    f'first_divergence_step={figures["first_divergence_step"]} '
+    f'loss_rel_err_first50={figures["loss_rel_err_first50"]:.3g} '
+    f'map50_ours={figures["map50_ours"]:.4f} map50_upstream={figures["map50_upstream"]:.4f}'
+  )
+
+
+def main(argv: list[str] | None = None) -> int:
+  args = parse_args(argv)
+  if str(_ROOT) not in sys.path:  # the training program (`train`) is not an installed package
+    sys.path.insert(0, str(_ROOT))
+  out = pathlib.Path(args.out).resolve()
+  if args.worker is not None:
+    from train import config as config_lib
+
+    sys.path[:0] = [str(_TESTS), str(pathlib.Path(__file__).resolve().parent)]
+
+    config = config_lib.load(config_path=out / 'config.yaml', overrides=None)
+    side = out / args.worker
+    side.mkdir(parents=True, exist_ok=True)
+    (run_ours if args.worker == 'ours' else run_upstream)(config, side)
+    return 0
+
+  sides = [s for s in args.sides.split(',') if s]
+  unknown = set(sides) - {'ours', 'upstream'}
+  if unknown:
+    raise SystemExit(f'--sides: unknown side(s) {sorted(unknown)}; use ours, upstream')
+  resolve_config(args, out, reused=[s for s in ('ours', 'upstream') if s not in sides])
+  env = {
+    **os.environ,
+    'PYTHONPATH': os.pathsep.join([str(_ROOT), os.environ.get('PYTHONPATH', '')]),
+  }
+  for side in sides:
+    print(f'running {side} ...', flush=True)
+    started = time.perf_counter()
+    subprocess.run(
+      [sys.executable, __file__, '--worker', side, '--out', str(out)], check=True, env=env
+    )
+    print(f'{side}: {time.perf_counter() - started:.0f} s wall (process included)', flush=True)
+  for side in ('ours', 'upstream'):
+    if not (out / side / 'timing.json').is_file():
+      raise SystemExit(f'{out / side} holds no finished run; run it with --sides {side}')
+  figures = compare(out)
+  for side in ('ours', 'upstream'):
+    timing = json.loads((out / side / 'timing.json').read_text())
+    print(f'{side}: {timing["steps"]} steps in {timing["seconds"]:.0f} s (training and evaluation)')
+  worst = max(figures['weights'], key=lambda r: r['rel'], default=None)
+  if worst is not None:
+    print(
+      f'final weights: largest relative difference {worst["rel"]:.3g} '
+      f'({worst["which"]} {worst["tensor"]}); all per tensor in {out / "weights.csv"}'
+    )
+  print(agreement_line(figures), flush=True)
+  return 0
+
+
+if __name__ == '__main__':
+  raise SystemExit(main())

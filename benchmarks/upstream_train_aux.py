@@ -1,0 +1,287 @@
+"""Upstream's ``train_aux.py`` training loop around the reference package, for comparisons.
+
+``train_aux.py`` is not in the reference package (``sas-yolov7``), so its
+loop is written here from its formulas, around the package's own ``Model``,
+``ComputeLossAuxOTA`` and ``ModelEMA`` and torch's ``SGD`` and
+``LambdaLR``:
+
+* loss gains: ``hyp.scratch.p6.yaml`` with the run's ``recipe`` and ``loss``
+  values on top, then ``box *= 3 / nl``, ``cls *= nc / 80 * 3 / nl``,
+  ``obj *= (imgsz / 640) ** 2 * 3 / nl``; ``model.gr = 1``;
+* optimiser: Nesterov ``SGD`` over three groups (pg0: BatchNorm weights and
+  implicit vectors; pg1: other weights, with weight decay scaled by
+  ``batch * accumulate / nbs``; pg2: biases) and ``LambdaLR`` with the
+  one-cycle factor ``((1 - cos(epoch * pi / epochs)) / 2) * (lrf - 1) + 1``,
+  stepped after each epoch;
+* warm-up over ``nw = max(round(warmup_epochs * nb), min_warmup_steps)``
+  iterations: per group ``lr = interp(ni, [0, nw], [warmup_bias_lr if pg2
+  else 0, initial_lr * lf(epoch)])``, ``momentum = interp(ni, [0, nw],
+  [warmup_momentum, momentum])``, ``accumulate = max(1, round(interp(ni,
+  [0, nw], [1, nbs / batch])))``;
+* gradients zeroed at each epoch start; ``loss.backward()`` on the batch-sum
+  loss; an optimiser step and an EMA update when ``ni % accumulate == 0``.
+
+Where the run's configuration departs from ``train_aux.py``'s constants
+(``nbs = 64``, at least 1000 warm-up iterations, the EMA's ramp of 2000
+updates and its decay) the run's values are used, so both frameworks follow
+one recipe. The images and labels come from the caller's loader (the same
+batches our side trains on); float32 denormals are flushed, as XLA does on
+CPU. Glossary: ``nb`` batches per epoch, ``ni`` global iteration, ``nl``
+levels.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+import pathlib
+import time
+from typing import Any
+
+import numpy as np
+
+# The auxiliary head's share of the loss, written into upstream's ComputeLossAuxOTA.
+UPSTREAM_AUX_WEIGHT = 0.25
+
+__all__ = ['UpstreamRun', 'evaluate', 'hyperparameters', 'parameter_groups', 'train']
+
+
+@dataclasses.dataclass
+class UpstreamRun:
+  """What :func:`train` returns.
+
+  Attributes:
+    steps: per iteration ``step, epoch, loss, box, obj, cls, lr`` (``lr`` of pg1).
+    epochs: per whole epoch ``epoch, step`` and the EMA's validation metrics.
+    raw: the final state dict (NumPy).
+    ema: the EMA's final state dict (NumPy).
+    seconds: wall time of training and evaluation.
+  """
+
+  steps: list[dict[str, float]]
+  epochs: list[dict[str, float]]
+  raw: dict[str, np.ndarray]
+  ema: dict[str, np.ndarray]
+  seconds: float
+
+
+def hyperparameters(
+  config: dict[str, Any], *, num_levels: int, num_classes: int
+) -> dict[str, float]:
+  """``hyp.scratch.p6.yaml`` with the run's recipe and loss values, scaled as ``train_aux.py``.
+
+  Raises:
+    ValueError: ``loss.aux_weight`` is not upstream's fixed 0.25.
+  """
+  import sas_yolov7
+  import yaml
+
+  from train import config as config_lib
+
+  path = pathlib.Path(sas_yolov7.__file__).parent / 'data' / 'hyp.scratch.p6.yaml'
+  hyp = yaml.safe_load(path.read_text())
+  recipe = dataclasses.asdict(config_lib.recipe(config))
+  for key in (
+    'lr0',
+    'lrf',
+    'momentum',
+    'weight_decay',
+    'warmup_epochs',
+    'warmup_momentum',
+    'warmup_bias_lr',
+  ):
+    hyp[key] = recipe[key]
+  loss = dict(config['loss'])
+  if loss.pop('aux_weight') != UPSTREAM_AUX_WEIGHT:
+    raise ValueError(
+      f"loss.aux_weight = {config['loss']['aux_weight']}: upstream's ComputeLossAuxOTA fixes "
+      f"the auxiliary head's weight at {UPSTREAM_AUX_WEIGHT}, so it cannot train this run"
+    )
+  hyp.update(loss)
+  size = config['train']['image_size']
+  hyp['box'] *= 3.0 / num_levels
+  hyp['cls'] *= num_classes / 80.0 * 3.0 / num_levels
+  hyp['obj'] *= (size / 640) ** 2 * 3.0 / num_levels
+  return hyp
+
+
+def parameter_groups(model: Any) -> tuple[list, list, list]:
+  """pg0 (BatchNorm weights, implicit vectors), pg1 (other weights), pg2 (biases).
+
+  ``train_aux.py`` finds the implicit vectors through the attributes that hold
+  ``ImplicitA``/``ImplicitM`` modules; here they are found by type, which is the
+  same set of tensors for the P6 models.
+  """
+  import torch
+  from sas_yolov7.models.common import ImplicitA, ImplicitM
+
+  pg0, pg1, pg2 = [], [], []
+  for module in model.modules():
+    if isinstance(getattr(module, 'bias', None), torch.nn.Parameter):
+      pg2.append(module.bias)
+    if isinstance(module, torch.nn.BatchNorm2d):
+      pg0.append(module.weight)
+    elif isinstance(getattr(module, 'weight', None), torch.nn.Parameter):
+      pg1.append(module.weight)
+    if isinstance(module, ImplicitA | ImplicitM):
+      pg0.append(module.implicit)
+  return pg0, pg1, pg2
+
+
+def evaluate(model: Any, val_feed: Any, *, config: dict[str, Any], num_classes: int):
+  """COCO metrics of ``model`` (evaluation mode) through our selection and evaluator.
+
+  Upstream's decoded outputs ``[B, N, 5 + C]`` go through
+  :func:`reorg_jax.inference.select_detections` and
+  :class:`reorg_jax.evaluate.DetectionEvaluator` with the run's ``eval``
+  thresholds, as ``python -m train`` scores its own EMA.
+  """
+  import jax
+  import jax.numpy as jnp
+  import torch
+
+  from reorg_jax import evaluate as evaluate_lib
+  from reorg_jax.inference import select_detections
+
+  ecfg = config['eval']
+  size = config['train']['image_size']
+  scorer = evaluate_lib.DetectionEvaluator(
+    num_classes=num_classes, max_detections=ecfg['max_detections']
+  )
+  select = jax.jit(
+    lambda decoded: select_detections(
+      decoded,
+      max_detections=ecfg['max_detections'],
+      max_candidates=min(ecfg['max_candidates'], decoded.shape[1]),
+      score_threshold=ecfg['score_threshold'],
+      iou_threshold=ecfg['iou_threshold'],
+      class_agnostic=False,
+    )
+  )
+  model.eval()
+  for batch in val_feed.epoch(0):
+    x = torch.from_numpy(batch.images.transpose(0, 3, 1, 2).astype(np.float32) / 255.0)
+    with torch.no_grad():
+      decoded = model(x)[0].numpy()
+    detections = jax.device_get(select(jnp.asarray(decoded)))
+    scorer.add_batch(
+      boxes=detections.boxes,
+      scores=detections.scores,
+      classes=detections.classes,
+      valid=detections.valid,
+      targets=batch.targets,
+      image_hw=(size, size),
+      real=batch.real,
+    )
+  return scorer.compute()
+
+
+def train(
+  config: dict[str, Any],
+  *,
+  start: dict[str, np.ndarray],
+  feed: Any,
+  val_feed: Any,
+  schedule: Any,
+  num_classes: int,
+  total: int,
+) -> UpstreamRun:
+  """Trains upstream's model from ``start`` on ``feed``'s batches for ``total`` iterations.
+
+  Args:
+    config: the run's resolved configuration (``train/configs/default.yaml`` keys).
+    start: the initial state dict, loaded strictly.
+    feed: the training :class:`reorg_jax.loader.BatchLoader`.
+    val_feed: the validation loader (after each whole epoch).
+    schedule: the run's :class:`reorg_jax.optim.Schedule` (epochs, batch size, ``nb``).
+    num_classes: ``C``.
+    total: iterations to run (``schedule.total_steps`` or fewer).
+
+  Raises:
+    FloatingPointError: a loss was not finite (the step is named).
+  """
+  import oracle  # the torchvision stand-in; the loss's 'cuda:0' redirected to the CPU
+  import torch
+  from sas_yolov7.models.yolo import Model
+  from sas_yolov7.utils.torch_utils import ModelEMA
+
+  from reorg_jax import loader, yolo
+  from train import config as config_lib
+
+  name = config['model']['name']
+  raw = yolo.load_config(yolo.NANO_CONFIG if name == 'p6_nano' else name)
+  raw['nc'] = num_classes
+  torch.set_flush_denormal(True)
+  model = Model(raw)
+  model.load_state_dict({k: torch.from_numpy(v) for k, v in start.items()}, strict=True)
+
+  hyp = hyperparameters(config, num_levels=model.model[-1].nl, num_classes=num_classes)
+  model.nc, model.hyp, model.gr = num_classes, hyp, 1.0
+  compute_loss = oracle.reference_loss_module().ComputeLossAuxOTA(model)
+
+  recipe = config_lib.recipe(config)
+  batch_size, nb, epochs = schedule.batch_size, schedule.steps_per_epoch, schedule.epochs
+  nbs = recipe.nominal_batch_size
+  accumulate = max(round(nbs / batch_size), 1)
+  hyp['weight_decay'] *= batch_size * accumulate / nbs
+  pg0, pg1, pg2 = parameter_groups(model)
+  optimizer = torch.optim.SGD(pg0, lr=hyp['lr0'], momentum=hyp['momentum'], nesterov=True)
+  optimizer.add_param_group({'params': pg1, 'weight_decay': hyp['weight_decay']})
+  optimizer.add_param_group({'params': pg2})
+
+  def lf(x):  # one_cycle(1, lrf, epochs)
+    return ((1 - math.cos(x * math.pi / epochs)) / 2) * (hyp['lrf'] - 1) + 1
+
+  scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda=lf)
+  ema = ModelEMA(model)
+  ema.decay = lambda x: recipe.ema_decay * (1 - math.exp(-x / recipe.ema_ramp))
+  nw = max(round(hyp['warmup_epochs'] * nb), recipe.min_warmup_steps)
+
+  steps, epoch_rows = [], []
+  started = time.perf_counter()
+  for epoch in range(-(-total // nb)):
+    model.train()
+    optimizer.zero_grad()
+    batches = itertools.islice(feed.epoch(epoch), min(nb, total - nb * epoch))
+    with loader.Prefetcher(batches, buffer_size=config['train']['prefetch']) as prefetched:
+      for i, batch in enumerate(prefetched):
+        ni = i + nb * epoch
+        x = torch.from_numpy(batch.images.transpose(0, 3, 1, 2).astype(np.float32) / 255.0)
+        if ni <= nw:
+          xi = [0, nw]
+          accumulate = max(1, np.interp(ni, xi, [1, nbs / batch_size]).round())
+          for j, group in enumerate(optimizer.param_groups):
+            group['lr'] = np.interp(
+              ni, xi, [hyp['warmup_bias_lr'] if j == 2 else 0.0, group['initial_lr'] * lf(epoch)]
+            )
+            group['momentum'] = np.interp(ni, xi, [hyp['warmup_momentum'], hyp['momentum']])
+        loss, items = compute_loss(model(x), torch.from_numpy(batch.labels), x)
+        loss.backward()
+        if ni % accumulate == 0:
+          optimizer.step()
+          optimizer.zero_grad()
+          ema.update(model)
+        box, obj, cls, whole = (float(v) for v in items)
+        lr = float(optimizer.param_groups[1]['lr'])
+        steps.append(
+          {'step': ni, 'epoch': epoch, 'loss': whole, 'box': box, 'obj': obj, 'cls': cls, 'lr': lr}
+        )
+        if not math.isfinite(whole):
+          raise FloatingPointError(f'upstream: the loss of step {ni} is not finite ({whole})')
+    if ni + 1 == nb * (epoch + 1):  # a whole epoch: step the schedule, evaluate the EMA
+      scheduler.step()
+      metrics = evaluate(ema.ema, val_feed, config=config, num_classes=num_classes)
+      epoch_rows.append({'epoch': epoch, 'step': ni + 1, **metrics})
+      print(
+        f'upstream epoch {epoch + 1}/{epochs}: loss {whole:.4f}  mAP@0.5 {metrics["map50"]:.4f}  '
+        f'mAP@0.5:0.95 {metrics["map50_95"]:.4f}',
+        flush=True,
+      )
+  return UpstreamRun(
+    steps=steps,
+    epochs=epoch_rows,
+    raw={k: v.detach().numpy().copy() for k, v in model.state_dict().items()},
+    ema={k: v.detach().numpy().copy() for k, v in ema.ema.state_dict().items()},
+    seconds=time.perf_counter() - started,
+  )
