@@ -104,6 +104,9 @@ def resolve_config(
 ) -> dict[str, Any]:
   """The checked configuration of the run, its dataset written, saved as ``out/config.yaml``.
 
+  A side in ``reused`` may have stopped at another ``train.max_steps``: the
+  comparison covers the steps and epochs both sides ran.
+
   Raises:
     SystemExit: an option upstream's recipe cannot follow (bfloat16, the
       other step rule), or a side in ``reused`` (read from ``out``, not
@@ -136,7 +139,11 @@ def resolve_config(
   if reused and saved.is_file():
     before = config_lib.flatten(config_lib.read_yaml(saved))
     now = config_lib.flatten(config)
-    changed = [f'{k}: {before.get(k)!r} -> {now.get(k)!r}' for k in now if before.get(k) != now[k]]
+    changed = [
+      f'{k}: {before.get(k)!r} -> {now.get(k)!r}'
+      for k in now
+      if before.get(k) != now[k] and k != 'train.max_steps'  # only shared steps are compared
+    ]
     if changed:
       raise SystemExit(
         f'{out}: the {" and ".join(reused)} run there used other options ('

@@ -9,8 +9,13 @@ momentum, the momentum buffer carried into a second step and the EMA.
 
 Tolerances:
 
-* first step's losses (total, box, obj, cls): 1e-5 relative. Both sides see
-  identical weights and batch; measured about 3e-7.
+* first step's losses (total, box, obj, cls): 1e-4 relative; measured 1.5e-7
+  and 3.4e-7 on this scene (half the samples mosaics, zoom 0.5 .. 1.6). At
+  initialisation the predictions hardly vary from cell to cell, so SimOTA's
+  costs nearly tie, and where upstream and we break a tie differently (see the
+  README's list of deliberate differences) one positive changes: on the same
+  tiny set without mosaics that moved every part by 2e-5 to 5e-5. A wrong
+  gain, level or auxiliary term moves the loss by far more than 1e-4.
 * weight updates after two steps (new minus initial weights): over all
   tensors together, 1e-3 relative in norm (measured about 6e-5); per tensor
   that moved by more than 1e-3 in norm, 2e-2 (measured at most 4.6e-3).
@@ -35,6 +40,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = """\
 synthetic: {num_train: 8, num_val: 4, image_size: 128}
 train: {batch_size: 2, image_size: 128}
+augment: {mosaic: 0.5, scale: 0.5}
 eval: {batch_size: 4}
 log: {plots: false}
 """
@@ -75,7 +81,7 @@ def test_first_step_losses_agree(two_steps):
   upstream = harness.read_csv(out / 'upstream' / 'steps.csv')
   assert [r['step'] for r in ours] == [r['step'] for r in upstream] == [0, 1]
   for part in ('loss', 'box', 'obj', 'cls'):
-    np.testing.assert_allclose(ours[0][part], upstream[0][part], rtol=1e-5, err_msg=part)
+    np.testing.assert_allclose(ours[0][part], upstream[0][part], rtol=1e-4, err_msg=part)
   np.testing.assert_allclose(ours[0]['lr'], upstream[0]['lr'], rtol=1e-12)
   np.testing.assert_allclose(ours[1]['lr'], upstream[1]['lr'], rtol=1e-12)
 
