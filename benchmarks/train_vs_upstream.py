@@ -154,89 +154,16 @@ def resolve_config(
   return config
 
 
-def run_pieces(config: dict[str, Any]) -> dict[str, Any]:
-  """Splits, loaders, model, schedule and loss gains exactly as :func:`train.loop.run` builds them."""
-  import reorg_jax
-  from reorg_jax import loader, optim
-  from train import config as config_lib
-  from train import loop
+def initial_state_dict(pieces: Any) -> dict[str, np.ndarray]:
+  """The starting weights of ``python -m train``, in upstream's names.
 
-  train_data, val_data = loop._load_splits(config, pathlib.Path(config['data']['yaml']))
-  tcfg, ecfg = config['train'], config['eval']
-  aug = config_lib.augmentation(config)
-  feed = loader.BatchLoader(
-    train_data,
-    batch_size=tcfg['batch_size'],
-    image_size=tcfg['image_size'],
-    max_boxes=loader.max_boxes_bound(train_data, aug),
-    seed=config['seed'],
-    config=aug,
-    shuffle=True,
-    drop_last=True,
-    num_threads=tcfg['loader_threads'],
-  )
-  val_feed = loader.BatchLoader(
-    val_data,
-    batch_size=ecfg['batch_size'],
-    image_size=tcfg['image_size'],
-    max_boxes=loader.max_boxes_bound(val_data, None),
-    seed=config['seed'],
-    config=None,
-    shuffle=False,
-    drop_last=False,
-    num_threads=tcfg['loader_threads'],
-  )
-  num_classes = train_data.num_classes
-  model = config_lib.build_model(config, num_classes=num_classes)
-  schedule = optim.Schedule(
-    epochs=tcfg['epochs'],
-    batch_size=tcfg['batch_size'],
-    steps_per_epoch=feed.steps_per_epoch,
-    recipe=config_lib.recipe(config),
-  )
-  loss_config = optim.scaled_loss_gains(
-    reorg_jax.LossConfig(
-      num_classes=num_classes,
-      anchors=model.anchors,
-      strides=model.strides,
-      balance=reorg_jax.config.upstream_balance(len(model.strides)),
-      **config['loss'],
-    ),
-    image_size=tcfg['image_size'],
-  )
-  return {
-    'feed': feed,
-    'val_feed': val_feed,
-    'num_classes': num_classes,
-    'model': model,
-    'schedule': schedule,
-    'loss_config': loss_config,
-  }
-
-
-def initial_state_dict(config: dict[str, Any], pieces: dict[str, Any]) -> dict[str, np.ndarray]:
-  """The starting weights of ``python -m train`` for this config, in upstream's names."""
-  import jax
-
+  Args:
+    pieces: the run's :func:`train.loop.setup`.
+  """
   from reorg_jax import convert
-  from reorg_jax import train as train_lib
 
-  _, state = train_lib.create_train_state(
-    pieces['model'],
-    rng=jax.random.key(config['seed']),
-    image_size=config['train']['image_size'],
-    schedule=pieces['schedule'],
-    loss_config=pieces['loss_config'],
-  )
-  exported = convert.export_state_dict(pieces['model'], state.variables(use_ema=False))
+  exported = convert.export_state_dict(pieces.model, pieces.state.variables(use_ema=False))
   return {k: np.asarray(v) for k, v in exported.items()}
-
-
-def total_steps(config: dict[str, Any], schedule: Any) -> int:
-  steps = schedule.total_steps
-  if config['train']['max_steps'] is not None:
-    steps = min(steps, config['train']['max_steps'])
-  return steps
 
 
 def write_csv(path: pathlib.Path, columns: tuple[str, ...], rows: list[dict[str, Any]]) -> None:
@@ -260,16 +187,12 @@ def run_ours(config: dict[str, Any], side: pathlib.Path) -> None:
   from reorg_jax import convert
   from train import loop
 
-  pieces = run_pieces(config)
-  for opened in (pieces['feed'], pieces['val_feed']):
-    opened.close()
   shutil.rmtree(side, ignore_errors=True)
   started = time.perf_counter()
   result = loop.run(config, workdir=side, resume=False)
   seconds = time.perf_counter() - started
-  model = pieces['model']
-  raw = convert.export_state_dict(model, result.state.variables(use_ema=False))
-  ema = convert.export_state_dict(model, result.state.variables(use_ema=True))
+  raw = convert.export_state_dict(result.model, result.state.variables(use_ema=False))
+  ema = convert.export_state_dict(result.model, result.state.variables(use_ema=True))
   np.savez(
     side / 'weights.npz',
     **{f'raw/{k}': np.asarray(v) for k, v in raw.items()},
@@ -281,22 +204,23 @@ def run_ours(config: dict[str, Any], side: pathlib.Path) -> None:
 def run_upstream(config: dict[str, Any], side: pathlib.Path) -> None:
   import upstream_train_aux
 
-  pieces = run_pieces(config)
-  start = initial_state_dict(config, pieces)
-  np.savez(side / 'initial.npz', **start)
+  from train import loop
+
+  pieces = loop.setup(config, data_path=pathlib.Path(config['data']['yaml']))
   try:
+    start = initial_state_dict(pieces)
+    np.savez(side / 'initial.npz', **start)
     result = upstream_train_aux.train(
       config,
       start=start,
-      feed=pieces['feed'],
-      val_feed=pieces['val_feed'],
-      schedule=pieces['schedule'],
-      num_classes=pieces['num_classes'],
-      total=total_steps(config, pieces['schedule']),
+      feed=pieces.feed,
+      val_feed=pieces.val_feed,
+      schedule=pieces.schedule,
+      num_classes=pieces.num_classes,
+      total=pieces.total_steps,
     )
   finally:
-    pieces['feed'].close()
-    pieces['val_feed'].close()
+    pieces.close()
   write_csv(side / 'steps.csv', STEP_COLUMNS, result.steps)
   write_csv(side / 'results.csv', EPOCH_COLUMNS, result.epochs)
   np.savez(

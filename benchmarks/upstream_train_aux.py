@@ -134,21 +134,17 @@ def evaluate(model: Any, val_feed: Any, *, config: dict[str, Any], num_classes: 
 
   Upstream's decoded outputs ``[B, N, 5 + C]`` go through
   :func:`reorg_jax.inference.select_detections` and
-  :class:`reorg_jax.evaluate.DetectionEvaluator` with the run's ``eval``
-  thresholds, as ``python -m train`` scores its own EMA.
+  :func:`train.loop.evaluate_split` with the run's ``eval`` thresholds, as
+  ``python -m train`` scores its own EMA.
   """
   import jax
   import jax.numpy as jnp
   import torch
 
-  from reorg_jax import evaluate as evaluate_lib
   from reorg_jax.inference import select_detections
+  from train import loop
 
   ecfg = config['eval']
-  size = config['train']['image_size']
-  scorer = evaluate_lib.DetectionEvaluator(
-    num_classes=num_classes, max_detections=ecfg['max_detections']
-  )
   select = jax.jit(
     lambda decoded: select_detections(
       decoded,
@@ -159,22 +155,17 @@ def evaluate(model: Any, val_feed: Any, *, config: dict[str, Any], num_classes: 
       class_agnostic=False,
     )
   )
-  model.eval()
-  for batch in val_feed.epoch(0):
-    x = torch.from_numpy(batch.images.transpose(0, 3, 1, 2).astype(np.float32) / 255.0)
+
+  def detect(images: np.ndarray) -> Any:
+    x = torch.from_numpy(images.transpose(0, 3, 1, 2).astype(np.float32) / 255.0)
     with torch.no_grad():
       decoded = model(x)[0].numpy()
-    detections = jax.device_get(select(jnp.asarray(decoded)))
-    scorer.add_batch(
-      boxes=detections.boxes,
-      scores=detections.scores,
-      classes=detections.classes,
-      valid=detections.valid,
-      targets=batch.targets,
-      image_hw=(size, size),
-      real=batch.real,
-    )
-  return scorer.compute()
+    return jax.device_get(select(jnp.asarray(decoded)))
+
+  model.eval()
+  return loop.evaluate_split(
+    detect, val_feed, num_classes=num_classes, max_detections=ecfg['max_detections']
+  )
 
 
 def train(

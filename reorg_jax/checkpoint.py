@@ -373,7 +373,7 @@ class Checkpoints:
       'cleanup_tmp_directories': not read_only,
       'read_only': read_only,
     }
-    if not read_only:
+    if not read_only and jax.process_index() == 0:  # one process renames, for all
       _quarantine_uncommitted(self.directory / 'steps')
       _quarantine_uncommitted(self.directory / 'best')
     self._steps = ocp.CheckpointManager(
@@ -474,6 +474,10 @@ class Checkpoints:
     return ocp.args.Composite(
       state=ocp.args.StandardSave(unwrap_keys(state)), meta=ocp.args.JsonSave(meta)
     )
+
+  def is_due(self, step: int) -> bool:
+    """Whether :meth:`save` at ``step`` writes a periodic checkpoint (without ``force``)."""
+    return not self.read_only and self._steps.should_save(step)
 
   def save(
     self, step: int, state: PyTree, *, metadata: dict[str, Any] | None = None, force: bool = False

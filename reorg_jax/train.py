@@ -221,7 +221,10 @@ def jit_train_step(setup: TrainSetup, *, state_sharding: Any = None):
   the returned state; batches carry their own placement (:func:`shard_batch`).
   """
   step = functools.partial(train_step, setup)
-  out_shardings = None if state_sharding is None else (state_sharding, None)
+  out_shardings = None
+  if state_sharding is not None:  # metrics replicated: every process can read them
+    mesh = jax.tree.leaves(state_sharding)[0].mesh
+    out_shardings = (state_sharding, NamedSharding(mesh, PartitionSpec()))
   return jax.jit(step, donate_argnums=(0,), out_shardings=out_shardings)
 
 
@@ -245,7 +248,7 @@ def data_parallel(
 
   Returns:
     ``(mesh, state_sharding, batch_sharding)``: place the state with
-    ``jax.device_put(state, state_sharding)``, pass ``state_sharding`` to
+    :func:`place` (``place(state, state_sharding)``), pass ``state_sharding`` to
     :func:`jit_train_step`, and place batches with :func:`shard_batch`.
   """
   mesh = Mesh(np.asarray(devices if devices is not None else jax.devices()), ('data',))
@@ -254,8 +257,28 @@ def data_parallel(
   return mesh, state_sharding, NamedSharding(mesh, PartitionSpec('data'))
 
 
+def place(tree: Any, sharding: Any) -> Any:
+  """``tree``'s arrays placed as ``sharding`` says (one sharding, or a tree of them).
+
+  Every process passes the same global values and each keeps the pieces its
+  own devices hold, so this works with one process or many (where
+  ``jax.device_put`` of a local array onto other processes' devices cannot).
+  """
+  shardings = sharding if not isinstance(sharding, jax.sharding.Sharding) else None
+
+  def put(value: Any, where: jax.sharding.Sharding) -> jax.Array:
+    host = np.asarray(value)
+    return jax.make_array_from_callback(host.shape, where, lambda index: host[index])
+
+  if shardings is None:
+    return jax.tree.map(lambda value: put(value, sharding), tree)
+  return jax.tree.map(put, tree, shardings)
+
+
 def shard_batch(batch: Mapping[str, Any], batch_sharding: NamedSharding) -> dict[str, Any]:
   """Places ``images`` and ``targets`` split along the batch axis, ``hparams`` replicated.
+
+  Each process passes the whole global batch (see :func:`place`).
 
   Raises:
     ValueError: the batch size is not a multiple of the number of devices.
@@ -266,7 +289,7 @@ def shard_batch(batch: Mapping[str, Any], batch_sharding: NamedSharding) -> dict
     raise ValueError(f'batch size {size} is not a multiple of the {devices} devices')
   replicated = NamedSharding(batch_sharding.mesh, PartitionSpec())
   return {
-    'images': jax.device_put(batch['images'], batch_sharding),
-    'targets': jax.device_put(batch['targets'], batch_sharding),
-    'hparams': jax.device_put(batch['hparams'], replicated),
+    'images': place(batch['images'], batch_sharding),
+    'targets': place(batch['targets'], batch_sharding),
+    'hparams': place(batch['hparams'], replicated),
   }

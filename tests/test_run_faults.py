@@ -21,7 +21,7 @@ import pytest
 
 from reorg_jax import checkpoint, synthetic
 from train import config as config_lib
-from train import loop, main, report
+from train import loop, main, report, rundir
 
 
 @pytest.fixture(scope='module')
@@ -77,12 +77,12 @@ def test_second_run_into_a_held_directory_exits_naming_the_pid(data, tmp_path, c
 
 def test_lock_is_exclusive_within_a_process_and_released(tmp_path):
   path = tmp_path / 'run.lock'
-  with loop.RunLock(path):
+  with rundir.RunLock(path):
     assert path.read_text() == f'{os.getpid()}\n'
     with pytest.raises(loop.RunError, match=f'pid {os.getpid()}'):
-      with loop.RunLock(path):
+      with rundir.RunLock(path):
         pass
-  with loop.RunLock(path):  # released at the end of the block
+  with rundir.RunLock(path):  # released at the end of the block
     pass
 
 
@@ -142,7 +142,7 @@ def test_failed_checkpoint_write_is_an_os_error_naming_step_and_fallback(tmp_pat
     'device; newest complete checkpoint: step 1'
   )
   assert isinstance(error.value, OSError)
-  line = str(loop._write_failure(error.value, tmp_path))
+  line = str(rundir.write_failure(error.value, tmp_path))
   assert line.startswith('periodic checkpoint step 2') and line.endswith('once the disk has room')
 
 

@@ -177,6 +177,33 @@ def test_outputs_of_a_run(setup, straight):
     assert ckpt.best is not None
 
 
+def test_steps_never_wait_for_the_host(setup, straight, monkeypatch):
+  """Metrics come back in one transfer per interval, epoch end and checkpoint, nothing else.
+
+  Under ``transfer_guard_device_to_host('disallow')`` any implicit transfer in
+  the loop's thread (``float()`` of a device array, say) raises; the explicit
+  fetches are counted and must be ``log.every_steps`` apart (3), cut at the
+  end of each 4-step epoch, with no checkpoint due before the last step.
+  """
+  base, config_file, _ = setup
+  fetched = []
+  fetch = loop._Pending.fetch
+
+  def counting(pending, reports):
+    fetched.append([g for g, _, _ in pending.steps])
+    return fetch(pending, reports)
+
+  monkeypatch.setattr(loop._Pending, 'fetch', counting)
+  config = _config(config_file, **{'log.every_steps': 3, 'checkpoint.save_every': 100})
+  with jax.transfer_guard_device_to_host('disallow'):
+    result = loop.run(config, workdir=base / 'interval', resume=False)
+  assert fetched == [[0, 1, 2], [3], [4, 5, 6], [7], [8, 9, 10], [11]]
+  _assert_states_equal(result.state, straight.state)
+  rows = report.read_rows(base / 'interval' / 'steps.csv')
+  reference = report.read_rows(base / 'straight' / 'steps.csv')
+  assert rows == reference
+
+
 def test_resume_equals_uninterrupted_run(setup, straight):
   base, config_file, _ = setup
   workdir = base / 'resumed'

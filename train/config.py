@@ -2,7 +2,9 @@
 
 Defaults live in exactly one place: ``train/configs/default.yaml`` for the
 program's options, :class:`reorg_jax.LossConfig` for the loss gains (the
-``loss`` section, :data:`LOSS_OPTIONS`, is filled from its field defaults).
+``loss`` section, :data:`LOSS_OPTIONS`, is filled from its field defaults,
+upstream's values; ``default.yaml`` names only the gains the demo changes,
+each with its reason).
 A run's configuration is those defaults, deep-merged with an optional
 override file and then with command-line overrides given as dotted keys
 (``train.epochs``). Every key an override names must exist in the defaults,
@@ -115,12 +117,14 @@ def dotted(overrides: dict[str, Any]) -> dict[str, Any]:
 
 
 def defaults() -> dict[str, Any]:
-  """Every option with its default: ``default.yaml`` plus the ``loss`` section."""
+  """Every option with its default: ``default.yaml``, its ``loss`` gains over LossConfig's."""
   config = read_yaml(DEFAULT_PATH)
-  if 'loss' in config:
-    raise ConfigError(f'{DEFAULT_PATH}: the loss section comes from reorg_jax.LossConfig')
   fields = {field.name: field.default for field in dataclasses.fields(loss_lib.LossConfig)}
-  config['loss'] = {name: fields[name] for name in LOSS_OPTIONS}
+  changed = config.pop('loss', None) or {}
+  unknown = sorted(set(changed) - set(LOSS_OPTIONS))
+  if unknown:
+    raise ConfigError(f'{DEFAULT_PATH}: loss.{unknown[0]} is not an option')
+  config['loss'] = {name: changed.get(name, fields[name]) for name in LOSS_OPTIONS}
   return config
 
 
@@ -309,6 +313,7 @@ def check(config: dict[str, Any], *, origins: dict[str, str] | None = None) -> N
     'eval.max_candidates',
     'checkpoint.save_every',
     'checkpoint.keep_last',
+    'log.every_steps',
     'synthetic.num_train',
     'synthetic.num_val',
     'synthetic.image_size',

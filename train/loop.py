@@ -3,61 +3,77 @@
 Glossary: ``B`` batch size (all devices), ``S`` image side, ``g`` the
 global step (batches trained so far; equals ``TrainState.step``).
 
-:func:`run` trains from a configuration (see ``train/configs/default.yaml``)
-in a run directory. The run's position is ``g`` alone: the batch of step
-``g`` is batch ``g % steps_per_epoch`` of epoch ``g // steps_per_epoch``,
-which :class:`reorg_jax.loader.BatchLoader` builds as a pure function of
+:func:`setup` builds a run's pieces once (:class:`Run`: splits, loaders,
+model, schedule, loss gains, the initial state on the devices and the
+jitted step); :func:`run` trains them in a run directory. The run's
+position is ``g`` alone: the batch of step ``g`` is batch
+``g % steps_per_epoch`` of epoch ``g // steps_per_epoch``, which
+:class:`reorg_jax.loader.BatchLoader` builds as a pure function of
 ``(seed, epoch, batch)``. A checkpoint therefore holds the whole state
 (weights, BatchNorm statistics, optimiser and accumulation state, EMA,
 ``g``), and resuming from it repeats exactly the steps an uninterrupted run
 would have taken.
 
-Order within a step: train, check the loss is finite (raising
-:class:`reorg_jax.train.NonFiniteError` before anything is saved), log, at
-the end of an epoch evaluate the EMA weights on the validation split and
-keep the best checkpoint, then write the periodic checkpoint. A run killed
-at any point resumes from the newest complete periodic checkpoint that
-verifies against its digests (a damaged newer one is skipped, said in one
-line, and kept as ``<step>.damaged-<n>``).
+The host never waits for a step. Steps are dispatched one after another
+(each batch is placed on the devices while the step before it runs), and
+their metrics stay on the devices until they are fetched together every
+``log.every_steps`` steps, at the end of each epoch, before each checkpoint
+and at the end of the run. A fetch checks every fetched step in order and
+raises :class:`reorg_jax.train.NonFiniteError` naming the first whose loss
+or gradient was not finite; such a step changes nothing but the step
+counter (see :func:`reorg_jax.train.train_step`), and since a fetch
+precedes every checkpoint, nothing is saved after it.
+
+At the end of an epoch the EMA weights are evaluated on the validation split
+and the best checkpoint kept; then the periodic checkpoint is written. A run
+killed at any point resumes from the newest complete periodic checkpoint
+that verifies against its digests (a damaged newer one is skipped, said in
+one line, and kept as ``<step>.damaged-<n>``).
 
 Before anything is written, the configuration has been checked
 (:func:`train.config.load`), the model file parsed, and a dataset YAML's
-splits loaded and sized against the batch. One process at a time writes a
-run directory: :class:`RunLock` holds ``run.lock`` there for the run's life,
-and a second run exits at once naming the holder's pid. A failed write
-(disk full, read-only directory) ends the run with one :class:`RunError`
-line naming the path and the newest complete checkpoint; the tables and
-``config.yaml`` are replaced atomically and a cut-short checkpoint is never
-read, so the run resumes from that checkpoint once there is room.
+splits loaded and sized against the batch. The run directory's rules (one
+writer at a time, refusing another run's checkpoints, one-line write
+failures) are :mod:`train.rundir`'s.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import itertools
-import os
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding
 
 import reorg_jax
 from reorg_jax import checkpoint, dataset, evaluate, loader, optim, synthetic, yolo
 from reorg_jax import train as train_lib
-from reorg_jax.inference import predict
+from reorg_jax.inference import Detections, predict
 from train import config as config_lib
-from train import report
+from train import report, rundir
+from train.rundir import RunError
+
+__all__ = [
+  'Result',
+  'Run',
+  'RunError',
+  'dataset_yaml',
+  'detector',
+  'evaluate_split',
+  'load_splits',
+  'run',
+  'setup',
+]
 
 METRIC_LABELS = {'map50': 'mAP@0.5', 'map50_95': 'mAP@0.5:0.95'}
-
-
-class RunError(RuntimeError):
-  """The run directory or devices do not fit the requested run."""
 
 
 @dataclasses.dataclass
@@ -66,6 +82,8 @@ class Result:
 
   Attributes:
     state: the final :class:`reorg_jax.train.TrainState`.
+    model: the network it is the state of (e.g. for
+      :func:`reorg_jax.convert.export_state_dict`).
     steps: steps done (``g``) at the end.
     epochs: the ``results.csv`` rows (one per evaluated epoch).
     best: ``(epoch, value)`` of the best validation metric, or ``None``.
@@ -73,10 +91,59 @@ class Result:
   """
 
   state: train_lib.TrainState
+  model: yolo.YOLO
   steps: int
   epochs: list[dict[str, float]]
   best: tuple[int, float] | None
   best_metric: str
+
+
+@dataclasses.dataclass
+class Run:
+  """The pieces of a training run, built once by :func:`setup`.
+
+  Attributes:
+    config: the resolved configuration.
+    train_data: the train split.
+    val_data: the validation split.
+    feed: training batches (the run's seed and augmentation, full batches).
+    val_feed: validation batches (letterboxed, every image once).
+    model: the network, with the dataset's ``C`` classes.
+    schedule: epochs, batch size, steps per epoch and recipe.
+    loss_config: the loss with the run's gains scaled for ``S``.
+    train_setup: the static parts of the step.
+    state: the initial state (``jax.random.key(seed)``), replicated on the
+      devices; the first step of :func:`run` donates (deletes) it.
+    state_sharding: the state's placement (:func:`reorg_jax.train.data_parallel`).
+    batch_sharding: a batch's placement, split along ``B``.
+    step_fn: the jitted step (state donated).
+    total_steps: steps the run trains: all epochs, or ``train.max_steps`` if fewer.
+  """
+
+  config: dict[str, Any]
+  train_data: dataset.YoloDataset
+  val_data: dataset.YoloDataset
+  feed: loader.BatchLoader
+  val_feed: loader.BatchLoader
+  model: yolo.YOLO
+  schedule: optim.Schedule
+  loss_config: reorg_jax.LossConfig
+  train_setup: train_lib.TrainSetup
+  state: train_lib.TrainState
+  state_sharding: Any
+  batch_sharding: NamedSharding
+  step_fn: Callable[..., tuple[train_lib.TrainState, dict[str, jax.Array]]]
+  total_steps: int
+
+  @property
+  def num_classes(self) -> int:
+    """``C``."""
+    return self.train_data.num_classes
+
+  def close(self) -> None:
+    """Stops the loaders' threads."""
+    self.feed.close()
+    self.val_feed.close()
 
 
 def dataset_yaml(config: dict[str, Any], *, workdir: Path) -> Path:
@@ -87,6 +154,17 @@ def dataset_yaml(config: dict[str, Any], *, workdir: Path) -> Path:
   """
   if config['data']['yaml'] is not None:
     return Path(config['data']['yaml'])
+  root = workdir / 'data'
+  if jax.process_count() > 1:  # the first process writes, the others wait for it
+    if jax.process_index() == 0:
+      _write_synthetic(config, workdir=workdir)
+    multihost_utils.sync_global_devices('synthetic dataset written')
+  else:
+    _write_synthetic(config, workdir=workdir)
+  return root / 'data.yaml'
+
+
+def _write_synthetic(config: dict[str, Any], *, workdir: Path) -> None:
   root = workdir / 'data'
   if not (root / 'data.yaml').is_file():
     partial = workdir / 'data.partial'
@@ -102,144 +180,9 @@ def dataset_yaml(config: dict[str, Any], *, workdir: Path) -> Path:
     )
     shutil.rmtree(root, ignore_errors=True)
     partial.rename(root)
-  return root / 'data.yaml'
 
 
-def evaluate_split(
-  model: yolo.YOLO,
-  variables: dict[str, Any],
-  feed: loader.BatchLoader,
-  *,
-  batch_sharding: Any,
-  num_classes: int,
-  score_threshold: float,
-  iou_threshold: float,
-  max_detections: int,
-  max_candidates: int,
-) -> dict[str, float]:
-  """COCO metrics of ``variables`` on every image of ``feed`` (see :mod:`reorg_jax.evaluate`).
-
-  ``feed`` yields letterboxed ``[B, S, S, 3]`` batches; boxes are scored in
-  that frame.
-  """
-  scorer = evaluate.DetectionEvaluator(num_classes=num_classes, max_detections=max_detections)
-  size = feed.image_size
-  with loader.Prefetcher(feed.epoch(0), buffer_size=2) as batches:
-    for batch in batches:
-      images = jax.device_put(batch.images, batch_sharding)
-      detections = predict(
-        model,
-        variables,
-        images.astype(jnp.float32) / 255.0,
-        max_detections=max_detections,
-        max_candidates=max_candidates,
-        score_threshold=score_threshold,
-        iou_threshold=iou_threshold,
-      )
-      detections = jax.device_get(detections)
-      scorer.add_batch(
-        boxes=detections.boxes,
-        scores=detections.scores,
-        classes=detections.classes,
-        valid=detections.valid,
-        targets=batch.targets,
-        image_hw=(size, size),
-        real=batch.real,
-      )
-  return scorer.compute()
-
-
-def _epoch_means(rows: list[dict[str, float]], epoch: int) -> dict[str, float]:
-  chosen = [r for r in rows if r['epoch'] == epoch]
-  return {k: float(np.mean([r[k] for r in chosen])) for k in ('loss', 'box', 'obj', 'cls')}
-
-
-def _check_workdir(workdir: Path, current: dict[str, Any], *, resume: bool) -> None:
-  saved_path = workdir / 'config.yaml'
-  has_run = (workdir / 'checkpoints').is_dir() and any((workdir / 'checkpoints').iterdir())
-  if not resume and has_run:
-    raise RunError(
-      f'{workdir} already holds the checkpoints of a run: pass --resume to continue it, '
-      'or choose another --workdir'
-    )
-  if resume and saved_path.is_file():
-    conflicts = config_lib.resume_conflicts(config_lib.read_yaml(saved_path), current)
-    if conflicts:
-      raise RunError('cannot resume with options that change the run: ' + '; '.join(conflicts))
-
-
-class RunLock:
-  """An advisory lock (``fcntl.flock``) on a file in the run directory.
-
-  The holder writes its pid into the file; a second holder fails at once
-  with :class:`RunError` naming that pid. The lock ends with the process
-  (even on ``kill -9``); the file stays.
-
-  Args:
-    path: the lock file (created if missing).
-  """
-
-  def __init__(self, path: str | os.PathLike):
-    self.path = Path(path)
-    self._fd: int | None = None
-
-  def __enter__(self) -> RunLock:
-    fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-      holder = os.pread(fd, 32, 0).decode(errors='replace').strip() or 'unknown'
-      os.close(fd)
-      raise RunError(
-        f'{self.path.parent} is in use by another run (pid {holder}, holding {self.path}); '
-        'wait for it to end or choose another --workdir'
-      ) from None
-    except BaseException:
-      os.close(fd)
-      raise
-    try:
-      os.ftruncate(fd, 0)
-      os.pwrite(fd, f'{os.getpid()}\n'.encode(), 0)
-    except BaseException:
-      os.close(fd)  # closing releases the lock
-      raise
-    self._fd = fd
-    return self
-
-  def __exit__(self, *exc_info: object) -> None:
-    if self._fd is not None:
-      os.close(self._fd)
-      self._fd = None
-
-
-def lock_path(workdir: Path) -> Path:
-  """This process's lock file in ``workdir`` (one per process of a multi-process run)."""
-  if jax.process_count() == 1:
-    return workdir / 'run.lock'
-  return workdir / f'run.{jax.process_index()}.lock'
-
-
-def _newest_complete(workdir: Path) -> str:
-  """The newest periodic checkpoint with its commit marker, in words (no orbax involved)."""
-  steps = workdir / 'checkpoints' / 'steps'
-  marker = checkpoint.ocp.path.atomicity.COMMIT_SUCCESS_FILE
-  done = sorted(int(p.name) for p in steps.glob('*') if p.name.isdigit() and (p / marker).exists())
-  return f'step {done[-1]} in {steps}' if done else 'none yet'
-
-
-def _write_failure(error: OSError, workdir: Path) -> RunError:
-  """One line for a failed write: the path, the reason and the checkpoint to resume from."""
-  if isinstance(error, checkpoint.CheckpointWriteError):
-    return RunError(f'{error.strerror or error}; resume with --resume once the disk has room')
-  path = error.filename or workdir
-  reason = error.strerror or str(error)
-  return RunError(
-    f'cannot write {path}: {reason}; newest complete checkpoint: {_newest_complete(workdir)} '
-    '(--resume continues from it)'
-  )
-
-
-def _load_splits(
+def load_splits(
   config: dict[str, Any], data_path: Path
 ) -> tuple[dataset.YoloDataset, dataset.YoloDataset]:
   """The train and val splits, checked to fill at least one training batch."""
@@ -253,6 +196,172 @@ def _load_splits(
       f'train.batch_size = {batch} (every batch is full); lower train.batch_size'
     )
   return train_data, val_data
+
+
+def setup(
+  config: dict[str, Any],
+  *,
+  data_path: Path,
+  splits: tuple[dataset.YoloDataset, dataset.YoloDataset] | None = None,
+) -> Run:
+  """Builds the pieces of the run ``config`` describes (nothing is trained or written).
+
+  Args:
+    config: the resolved configuration (:func:`train.config.load`).
+    data_path: the dataset YAML (:func:`dataset_yaml`).
+    splits: the splits of ``data_path`` if already loaded (:func:`load_splits`).
+
+  Raises:
+    RunError: a batch size is not a multiple of the device count.
+    train.config.ConfigError: the train split is smaller than one batch.
+  """
+  tcfg, ecfg = config['train'], config['eval']
+  devices = jax.device_count()
+  for name, size in (
+    ('train.batch_size', tcfg['batch_size']),
+    ('eval.batch_size', ecfg['batch_size']),
+  ):
+    if size % devices:
+      raise RunError(f'{name} = {size} is not a multiple of the {devices} devices')
+  train_data, val_data = splits if splits is not None else load_splits(config, data_path)
+  aug = config_lib.augmentation(config)
+  size, seed = tcfg['image_size'], config['seed']
+  feed = loader.BatchLoader(
+    train_data,
+    batch_size=tcfg['batch_size'],
+    image_size=size,
+    max_boxes=loader.max_boxes_bound(train_data, aug),
+    seed=seed,
+    config=aug,
+    shuffle=True,
+    drop_last=True,
+    num_threads=tcfg['loader_threads'],
+  )
+  val_feed = loader.BatchLoader(
+    val_data,
+    batch_size=ecfg['batch_size'],
+    image_size=size,
+    max_boxes=loader.max_boxes_bound(val_data, None),
+    seed=seed,
+    config=None,
+    shuffle=False,
+    drop_last=False,
+    num_threads=tcfg['loader_threads'],
+  )
+  model = config_lib.build_model(config, num_classes=train_data.num_classes)
+  schedule = optim.Schedule(
+    epochs=tcfg['epochs'],
+    batch_size=tcfg['batch_size'],
+    steps_per_epoch=feed.steps_per_epoch,
+    recipe=config_lib.recipe(config),
+  )
+  loss_config = optim.scaled_loss_gains(
+    reorg_jax.LossConfig(
+      num_classes=train_data.num_classes,
+      anchors=model.anchors,
+      strides=model.strides,
+      balance=reorg_jax.config.upstream_balance(len(model.strides)),
+      **config['loss'],
+    ),
+    image_size=size,
+  )
+  dtype = jnp.bfloat16 if config['model']['compute_dtype'] == 'bfloat16' else jnp.float32
+  train_setup, state = train_lib.create_train_state(
+    model,
+    rng=jax.random.key(seed),
+    image_size=size,
+    schedule=schedule,
+    loss_config=loss_config,
+    compute_dtype=dtype,
+  )
+  _, state_sharding, batch_sharding = train_lib.data_parallel(state)
+  total = schedule.total_steps
+  if tcfg['max_steps'] is not None:
+    total = min(total, tcfg['max_steps'])
+  return Run(
+    config=config,
+    train_data=train_data,
+    val_data=val_data,
+    feed=feed,
+    val_feed=val_feed,
+    model=model,
+    schedule=schedule,
+    loss_config=loss_config,
+    train_setup=train_setup,
+    state=train_lib.place(state, state_sharding),
+    state_sharding=state_sharding,
+    batch_sharding=batch_sharding,
+    step_fn=train_lib.jit_train_step(train_setup, state_sharding=state_sharding),
+    total_steps=total,
+  )
+
+
+def evaluate_split(
+  detect: Callable[[np.ndarray], Detections],
+  feed: loader.BatchLoader,
+  *,
+  num_classes: int,
+  max_detections: int,
+) -> dict[str, float]:
+  """COCO metrics (see :mod:`reorg_jax.evaluate`) of ``detect`` on every image of ``feed``.
+
+  Args:
+    detect: ``[B, S, S, 3]`` uint8 letterboxed images to host
+      :class:`reorg_jax.inference.Detections` with ``max_detections`` rows
+      per image, boxes in that frame (:func:`detector` for our model).
+    feed: the validation batches.
+    num_classes: ``C``.
+    max_detections: detections kept per image.
+  """
+  scorer = evaluate.DetectionEvaluator(num_classes=num_classes, max_detections=max_detections)
+  size = feed.image_size
+  with loader.Prefetcher(feed.epoch(0), buffer_size=2) as batches:
+    for batch in batches:
+      detections = detect(batch.images)
+      scorer.add_batch(
+        boxes=detections.boxes,
+        scores=detections.scores,
+        classes=detections.classes,
+        valid=detections.valid,
+        targets=batch.targets,
+        image_hw=(size, size),
+        real=batch.real,
+      )
+  return scorer.compute()
+
+
+def detector(
+  model: yolo.YOLO,
+  variables: dict[str, Any],
+  *,
+  batch_sharding: NamedSharding,
+  score_threshold: float,
+  iou_threshold: float,
+  max_detections: int,
+  max_candidates: int,
+) -> Callable[[np.ndarray], Detections]:
+  """``detect`` for :func:`evaluate_split`: ``variables`` of ``model`` through :func:`predict`.
+
+  Images are split along ``B`` over the devices; with several processes the
+  detections are gathered from all of them.
+  """
+
+  def detect(images: np.ndarray) -> Detections:
+    placed = train_lib.place(images, batch_sharding)
+    detections = predict(
+      model,
+      variables,
+      placed.astype(jnp.float32) / 255.0,
+      max_detections=max_detections,
+      max_candidates=max_candidates,
+      score_threshold=score_threshold,
+      iou_threshold=iou_threshold,
+    )
+    if jax.process_count() > 1:
+      return multihost_utils.process_allgather(detections, tiled=True)
+    return jax.device_get(detections)
+
+  return detect
 
 
 def run(config: dict[str, Any], *, workdir: str | Path, resume: bool) -> Result:
@@ -278,102 +387,86 @@ def run(config: dict[str, Any], *, workdir: str | Path, resume: bool) -> Result:
   workdir = Path(workdir)
   splits = None
   if config['data']['yaml'] is not None:  # read-only checks before anything is written
-    splits = _load_splits(config, Path(config['data']['yaml']))
+    splits = load_splits(config, Path(config['data']['yaml']))
   try:
     workdir.mkdir(parents=True, exist_ok=True)
-    with RunLock(lock_path(workdir)):
-      return _run_locked(config, workdir=workdir, resume=resume, splits=splits)
+    with rundir.RunLock(rundir.lock_path(workdir)):
+      rundir.check_workdir(workdir, config, resume=resume)
+      if jax.process_index() == 0:
+        config_lib.dump(config, workdir / 'config.yaml')
+      pieces = setup(config, data_path=dataset_yaml(config, workdir=workdir), splits=splits)
+      try:
+        return _train(pieces, workdir=workdir, resume=resume)
+      finally:
+        pieces.close()
   except OSError as error:
-    raise _write_failure(error, workdir) from None
+    raise rundir.write_failure(error, workdir) from None
 
 
-def _run_locked(
-  config: dict[str, Any],
-  *,
-  workdir: Path,
-  resume: bool,
-  splits: tuple[dataset.YoloDataset, dataset.YoloDataset] | None,
-) -> Result:
-  """:func:`run` once the run directory is locked."""
-  _check_workdir(workdir, config, resume=resume)
-  config_lib.dump(config, workdir / 'config.yaml')
-  lead = jax.process_index() == 0
-  tcfg, ecfg, ccfg, lcfg = config['train'], config['eval'], config['checkpoint'], config['log']
+@dataclasses.dataclass
+class _Reports:
+  """Where a run records itself: tables, TensorBoard, the progress bar, checkpoints."""
 
-  devices = jax.device_count()
-  for name, size in (
-    ('train.batch_size', tcfg['batch_size']),
-    ('eval.batch_size', ecfg['batch_size']),
-  ):
-    if size % devices:
-      raise RunError(f'{name} = {size} is not a multiple of the {devices} devices')
+  steps: report.Table
+  epochs: report.Table
+  scalars: report.Scalars
+  progress: report.Progress
+  ckpt: checkpoint.Checkpoints
+  plots: bool
+  workdir: Path
 
-  if splits is None:
-    splits = _load_splits(config, dataset_yaml(config, workdir=workdir))
-  train_data, val_data = splits
-  num_classes = train_data.num_classes
+  def close(self) -> None:
+    self.progress.end_epoch()
+    try:
+      self.ckpt.close()
+    finally:
+      self.scalars.close()
 
-  aug = config_lib.augmentation(config)
-  size, seed = tcfg['image_size'], config['seed']
-  feed = loader.BatchLoader(
-    train_data,
-    batch_size=tcfg['batch_size'],
-    image_size=size,
-    max_boxes=loader.max_boxes_bound(train_data, aug),
-    seed=seed,
-    config=aug,
-    shuffle=True,
-    drop_last=True,
-    num_threads=tcfg['loader_threads'],
-  )
-  val_feed = loader.BatchLoader(
-    val_data,
-    batch_size=ecfg['batch_size'],
-    image_size=size,
-    max_boxes=loader.max_boxes_bound(val_data, None),
-    seed=seed,
-    config=None,
-    shuffle=False,
-    drop_last=False,
-    num_threads=tcfg['loader_threads'],
-  )
 
-  model = config_lib.build_model(config, num_classes=num_classes)
-  schedule = optim.Schedule(
-    epochs=tcfg['epochs'],
-    batch_size=tcfg['batch_size'],
-    steps_per_epoch=feed.steps_per_epoch,
-    recipe=config_lib.recipe(config),
-  )
-  loss_config = optim.scaled_loss_gains(
-    reorg_jax.LossConfig(
-      num_classes=num_classes,
-      anchors=model.anchors,
-      strides=model.strides,
-      balance=reorg_jax.config.upstream_balance(len(model.strides)),
-      **config['loss'],
-    ),
-    image_size=size,
-  )
-  dtype = jnp.bfloat16 if config['model']['compute_dtype'] == 'bfloat16' else jnp.float32
-  setup, state = train_lib.create_train_state(
-    model,
-    rng=jax.random.key(seed),
-    image_size=size,
-    schedule=schedule,
-    loss_config=loss_config,
-    compute_dtype=dtype,
-  )
-  _, state_sharding, batch_sharding = train_lib.data_parallel(state)
-  state = jax.device_put(state, state_sharding)
-  step_fn = train_lib.jit_train_step(setup, state_sharding=state_sharding)
+@dataclasses.dataclass
+class _Pending:
+  """Steps dispatched whose metrics are still on the devices.
 
-  spe = feed.steps_per_epoch
-  total = schedule.total_steps
-  if tcfg['max_steps'] is not None:
-    total = min(total, tcfg['max_steps'])
-  metric_name = ccfg['best_metric']
+  Attributes:
+    steps: ``(g, epoch, learning rate of the decay group)`` of each.
+    metrics: their metrics, unfetched.
+  """
 
+  steps: list[tuple[int, int, float]] = dataclasses.field(default_factory=list)
+  metrics: list[dict[str, jax.Array]] = dataclasses.field(default_factory=list)
+
+  def fetch(self, reports: _Reports) -> dict[str, float]:
+    """One transfer of every pending step's metrics: checked in order, then recorded.
+
+    Returns the last step's values. Raises
+    :class:`reorg_jax.train.NonFiniteError` at the first non-finite step
+    (the steps before it are recorded).
+    """
+    fetched = jax.device_get(self.metrics)
+    rows = []
+    try:
+      for (g, epoch, lr), metrics in zip(self.steps, fetched, strict=True):
+        train_lib.check_finite(metrics, step=g)
+        values = {k: float(metrics[name]) for k, name in _LOGGED.items()}
+        values['lr'] = lr
+        rows.append({'step': g, 'epoch': epoch, **values})
+        reports.scalars.add(values, step=g, prefix='train')
+    finally:
+      reports.steps.extend(rows)
+      self.steps.clear()
+      self.metrics.clear()
+    return rows[-1]
+
+
+_LOGGED = {'loss': 'total', 'box': 'box', 'obj': 'obj', 'cls': 'cls'}
+
+
+def _train(pieces: Run, *, workdir: Path, resume: bool) -> Result:
+  """:func:`run` once the run directory is locked and checked."""
+  config = pieces.config
+  primary = jax.process_index() == 0  # the process that writes and prints
+  tcfg, ccfg, lcfg = config['train'], config['checkpoint'], config['log']
+  state, total, spe = pieces.state, pieces.total_steps, pieces.feed.steps_per_epoch
   ckpt = checkpoint.Checkpoints(
     workdir / 'checkpoints', save_every=ccfg['save_every'], keep_last=ccfg['keep_last']
   )
@@ -383,112 +476,113 @@ def _run_locked(
     try:
       restored = ckpt.restore_latest(like=state)
     except checkpoint.CheckpointError as error:
-      for opened in (ckpt, feed, val_feed):
-        opened.close()
+      ckpt.close()
       raise RunError(f'cannot resume: {error}') from None
     if restored is not None:
       state, start, skipped = restored.state, int(restored.state.step), restored.skipped
 
-  step_table = report.Table(
-    workdir / 'steps.csv', columns=report.STEP_COLUMNS, keep_below=start, key='step'
+  reports = _Reports(
+    steps=report.Table(
+      workdir / 'steps.csv',
+      columns=report.STEP_COLUMNS,
+      keep_below=start,
+      key='step',
+      writable=primary,
+    ),
+    epochs=report.Table(
+      workdir / 'results.csv',
+      columns=report.EPOCH_COLUMNS,
+      keep_below=start + 1,
+      key='step',
+      writable=primary,
+    ),
+    scalars=report.Scalars(
+      workdir / 'tensorboard' if lcfg['tensorboard'] and primary else None,
+      purge_step=start if resume else None,
+    ),
+    progress=report.Progress(
+      enabled=lcfg['progress'],
+      total_steps=total,
+      batch_size=tcfg['batch_size'],
+      silent=not primary,
+    ),
+    ckpt=ckpt,
+    plots=lcfg['plots'] and primary,
+    workdir=workdir,
   )
-  epoch_table = report.Table(
-    workdir / 'results.csv', columns=report.EPOCH_COLUMNS, keep_below=start + 1, key='step'
-  )
-  scalars = report.Scalars(
-    workdir / 'tensorboard' if lcfg['tensorboard'] and lead else None,
-    purge_step=start if resume else None,
-  )
-  progress = report.Progress(
-    enabled=lcfg['progress'] and lead, total_steps=total, batch_size=tcfg['batch_size']
-  )
-  if lead and skipped:
+  progress = reports.progress
+  if primary:
+    if skipped:
+      progress.write(
+        f'resuming from step {start}, skipping damaged checkpoints: ' + '; '.join(skipped)
+      )
     progress.write(
-      f'resuming from step {start}, skipping damaged checkpoints: ' + '; '.join(skipped)
-    )
-  if lead:
-    progress.write(
-      f'training {config["model"]["name"]} ({num_classes} classes) on {len(train_data)} images '
-      f'({spe} steps of {tcfg["batch_size"]} per epoch), validating on {len(val_data)}; '
-      f'{devices} {jax.devices()[0].platform} device(s); run directory {workdir}'
+      f'training {config["model"]["name"]} ({pieces.num_classes} classes) on '
+      f'{len(pieces.train_data)} images ({spe} steps of {tcfg["batch_size"]} per epoch), '
+      f'validating on {len(pieces.val_data)}; {jax.device_count()} '
+      f'{jax.devices()[0].platform} device(s); run directory {workdir}'
       + (f'; resumed at step {start}' if start else '')
     )
-    for note in loader.augment_notes(train_data, aug):
+    for note in loader.augment_notes(pieces.train_data, config_lib.augmentation(config)):
       progress.write(note)
 
   g = start
+  pending = _Pending()
   rate = 0.0
+  meta = {'seed': config['seed']}
   try:
     while g < total:
       epoch, first = divmod(g, spe)
       last = min(spe, total - epoch * spe)
-      progress.start_epoch(epoch=epoch, epochs=schedule.epochs, steps=last, done=first)
+      progress.start_epoch(epoch=epoch, epochs=pieces.schedule.epochs, steps=last, done=first)
       epoch_started = time.perf_counter()
-      batches = itertools.islice(feed.epoch(epoch, start_step=first), last - first)
+      batches = itertools.islice(pieces.feed.epoch(epoch, start_step=first), last - first)
       with loader.Prefetcher(batches, buffer_size=tcfg['prefetch']) as prefetched:
-        tick = time.perf_counter()
+        tick, ticked = time.perf_counter(), g
         for batch in prefetched:
-          hparams = optim.hyperparams(g, schedule=schedule)
+          hparams = optim.hyperparams(g, schedule=pieces.schedule)
           sharded = train_lib.shard_batch(
-            {'images': batch.images, 'targets': batch.targets, 'hparams': hparams}, batch_sharding
+            {'images': batch.images, 'targets': batch.targets, 'hparams': hparams},
+            pieces.batch_sharding,
           )
-          state, metrics = step_fn(state, sharded)
-          metrics = jax.device_get(metrics)
-          train_lib.check_finite(metrics, step=g)
+          state, metrics = pieces.step_fn(state, sharded)  # dispatched; the host goes on
+          pending.steps.append((g, epoch, float(hparams.lrs[optim.DECAY])))
+          pending.metrics.append(metrics)
           g += 1
+          epoch_done = g % spe == 0
+          if not (
+            len(pending.steps) >= lcfg['every_steps'] or epoch_done or g == total or ckpt.is_due(g)
+          ):
+            continue
+          values = pending.fetch(reports)
           now = time.perf_counter()
-          if g > start + 1:  # The first step of a process includes compilation.
-            seen = tcfg['batch_size'] / (now - tick)
-            rate = seen if rate == 0 else 0.9 * rate + 0.1 * seen
-          tick = now
-          values = {
-            'loss': float(metrics['total']),
-            'box': float(metrics['box']),
-            'obj': float(metrics['obj']),
-            'cls': float(metrics['cls']),
-            'lr': float(hparams.lrs[optim.DECAY]),
-          }
-          step_table.append({'step': g - 1, 'epoch': epoch, **values})
-          scalars.add(values, step=g - 1, prefix='train')
-          progress.update(metrics=values, images_per_s=rate, step=g)
-          if g % spe == 0:
+          if ticked > start:  # the first step of a process includes compilation
+            seen = (g - ticked) * tcfg['batch_size'] / (now - tick)
+            rate = seen if rate == 0 else 0.5 * rate + 0.5 * seen
+          progress.update(metrics=values, images_per_s=rate, step=g, steps=g - ticked)
+          tick, ticked = now, g
+          if epoch_done:
             progress.end_epoch()
             _end_epoch(
+              pieces,
+              state,
+              reports,
               epoch=epoch,
               g=g,
-              state=state,
-              model=model,
-              val_feed=val_feed,
-              batch_sharding=batch_sharding,
-              num_classes=num_classes,
-              ecfg=ecfg,
-              step_rows=step_table.rows,
-              epoch_table=epoch_table,
-              scalars=scalars,
-              progress=progress,
-              ckpt=ckpt,
-              metric_name=metric_name,
               lr=values['lr'],
               seconds=time.perf_counter() - epoch_started,
-              epochs=schedule.epochs,
-              plots=lcfg['plots'] and lead,
-              workdir=workdir,
             )
-          meta = {'epoch': epoch, 'seed': seed}
-          if not ckpt.save(g, state, metadata=meta) and g == total:
-            ckpt.save(g, state, metadata=meta, force=True)
+          if not ckpt.save(g, state, metadata={'epoch': epoch, **meta}) and g == total:
+            ckpt.save(g, state, metadata={'epoch': epoch, **meta}, force=True)
       progress.end_epoch()
     if start == total and ckpt.latest_step != total:
-      ckpt.save(total, state, metadata={'epoch': (total - 1) // spe, 'seed': seed}, force=True)
+      ckpt.save(total, state, metadata={'epoch': (total - 1) // spe, **meta}, force=True)
   finally:
-    progress.end_epoch()
-    ckpt.close()
-    scalars.close()
-    feed.close()
-    val_feed.close()
+    reports.close()
 
-  best = _best(epoch_table.rows, metric_name)
-  if lead:
+  metric_name = ccfg['best_metric']
+  best = _best(reports.epochs.rows, metric_name)
+  if primary:
     if best is None:
       line = f'done: {g} steps; no epoch was evaluated'
     else:
@@ -498,7 +592,12 @@ def _run_locked(
       )
     print(line, flush=True)
   return Result(
-    state=state, steps=g, epochs=list(epoch_table.rows), best=best, best_metric=metric_name
+    state=state,
+    model=pieces.model,
+    steps=g,
+    epochs=list(reports.epochs.rows),
+    best=best,
+    best_metric=metric_name,
   )
 
 
@@ -510,67 +609,62 @@ def _best(rows: list[dict[str, float]], metric: str) -> tuple[int, float] | None
   return int(-negative_epoch), float(value)
 
 
+def _epoch_means(rows: list[dict[str, float]], epoch: int) -> dict[str, float]:
+  chosen = [r for r in rows if r['epoch'] == epoch]
+  return {k: float(np.mean([r[k] for r in chosen])) for k in _LOGGED}
+
+
 def _end_epoch(
+  pieces: Run,
+  state: train_lib.TrainState,
+  reports: _Reports,
   *,
   epoch: int,
   g: int,
-  state: train_lib.TrainState,
-  model: yolo.YOLO,
-  val_feed: loader.BatchLoader,
-  batch_sharding: Any,
-  num_classes: int,
-  ecfg: dict[str, Any],
-  step_rows: list[dict[str, float]],
-  epoch_table: report.Table,
-  scalars: report.Scalars,
-  progress: report.Progress,
-  ckpt: checkpoint.Checkpoints,
-  metric_name: str,
   lr: float,
   seconds: float,
-  epochs: int,
-  plots: bool,
-  workdir: Path,
 ) -> None:
   """Validates the EMA weights, writes the epoch's row, plots and best checkpoint."""
+  ecfg, metric_name = pieces.config['eval'], pieces.config['checkpoint']['best_metric']
   started = time.perf_counter()
-  metrics = evaluate_split(
-    model,
+  detect = detector(
+    pieces.model,
     state.variables(use_ema=True),
-    val_feed,
-    batch_sharding=batch_sharding,
-    num_classes=num_classes,
+    batch_sharding=pieces.batch_sharding,
     score_threshold=ecfg['score_threshold'],
     iou_threshold=ecfg['iou_threshold'],
     max_detections=ecfg['max_detections'],
     max_candidates=ecfg['max_candidates'],
   )
+  metrics = evaluate_split(
+    detect,
+    pieces.val_feed,
+    num_classes=pieces.num_classes,
+    max_detections=ecfg['max_detections'],
+  )
   eval_seconds = time.perf_counter() - started
-  losses = _epoch_means(step_rows, epoch)
+  losses = _epoch_means(reports.steps.rows, epoch)
   row = {
     'epoch': epoch,
     'step': g,
     **losses,
-    'precision': metrics['precision'],
-    'recall': metrics['recall'],
-    'map50': metrics['map50'],
-    'map50_95': metrics['map50_95'],
+    **{k: metrics[k] for k in ('precision', 'recall', 'map50', 'map50_95')},
     'lr': lr,
     'seconds': seconds,
   }
-  epoch_table.append(row)
-  scalars.add(
+  reports.epochs.append(row)
+  reports.scalars.add(
     {k: row[k] for k in ('precision', 'recall', 'map50', 'map50_95')}, step=g, prefix='val'
   )
-  scalars.add(losses, step=g, prefix='epoch')
-  if plots:
-    report.plot_epochs(epoch_table.rows, workdir)
-  progress.write(
-    f'epoch {epoch + 1}/{epochs}: loss {losses["loss"]:.4f} (box {losses["box"]:.4f} '
-    f'obj {losses["obj"]:.4f} cls {losses["cls"]:.4f})  P {row["precision"]:.3f} '
-    f'R {row["recall"]:.3f}  mAP@0.5 {row["map50"]:.4f}  mAP@0.5:0.95 {row["map50_95"]:.4f}  '
-    f'[train {seconds:.0f}s, eval {eval_seconds:.0f}s]'
+  reports.scalars.add(losses, step=g, prefix='epoch')
+  if reports.plots:
+    report.plot_epochs(reports.epochs.rows, reports.workdir)
+  reports.progress.write(
+    f'epoch {epoch + 1}/{pieces.schedule.epochs}: loss {losses["loss"]:.4f} '
+    f'(box {losses["box"]:.4f} obj {losses["obj"]:.4f} cls {losses["cls"]:.4f})  '
+    f'P {row["precision"]:.3f} R {row["recall"]:.3f}  mAP@0.5 {row["map50"]:.4f}  '
+    f'mAP@0.5:0.95 {row["map50_95"]:.4f}  [train {seconds:.0f}s, eval {eval_seconds:.0f}s]'
   )
   value = row[metric_name]
   if np.isfinite(value):
-    ckpt.save_best(g, state, metric=value, metadata={'epoch': epoch, metric_name: value})
+    reports.ckpt.save_best(g, state, metric=value, metadata={'epoch': epoch, metric_name: value})

@@ -66,7 +66,54 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     action='store_true',
     help='call jax.distributed.initialize() first (one process per host; see the README)',
   )
-  return parser.parse_args(argv)
+  parser.add_argument(
+    '--coordinator', metavar='HOST:PORT', help='with --distributed: the address of process 0'
+  )
+  parser.add_argument(
+    '--num-processes', type=int, help='with --distributed: the number of processes'
+  )
+  parser.add_argument('--process-id', type=int, help='with --distributed: this process, 0..N-1')
+  args = parser.parse_args(argv)
+  explicit = [args.coordinator, args.num_processes, args.process_id]
+  if any(v is not None for v in explicit):
+    if not args.distributed:
+      parser.error('--coordinator, --num-processes and --process-id need --distributed')
+    if any(v is None for v in explicit):
+      parser.error('--coordinator, --num-processes and --process-id go together')
+    if args.num_processes < 1 or not 0 <= args.process_id < args.num_processes:
+      parser.error(
+        f'--process-id must lie in [0, --num-processes), got {args.process_id} of '
+        f'{args.num_processes}'
+      )
+  return args
+
+
+def initialize_distributed(args: argparse.Namespace) -> None:
+  """Joins the processes of a multi-process run (``--distributed``).
+
+  With ``--coordinator``, ``--num-processes`` and ``--process-id`` those are
+  used; without, ``jax.distributed.initialize()`` finds them in the
+  environment or the cluster (SLURM, Cloud TPU, ...). CPU devices reduce
+  across processes with gloo.
+
+  The processes then take part in one collective at once, while they are
+  still in step: gloo connects them at their first collective and gives up
+  if one arrives more than 30 s after the other (one compiling longer, say);
+  once connected, a process may wait on the others for as long as it takes.
+  """
+  import jax
+  from jax.experimental import multihost_utils
+
+  jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  if args.coordinator is None:
+    jax.distributed.initialize()
+  else:
+    jax.distributed.initialize(
+      coordinator_address=args.coordinator,
+      num_processes=args.num_processes,
+      process_id=args.process_id,
+    )
+  multihost_utils.sync_global_devices('train: processes joined')
 
 
 def _quiet_closed_loops(hook):
@@ -94,10 +141,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   for name in ('absl', 'asyncio'):
     logging.getLogger(name).setLevel(logging.CRITICAL)
   sys.unraisablehook = _quiet_closed_loops(sys.unraisablehook)
-  import jax
-
   if args.distributed:
-    jax.distributed.initialize()
+    initialize_distributed(args)
 
   from reorg_jax.dataset import DatasetError
   from reorg_jax.train import NonFiniteError

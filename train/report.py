@@ -73,6 +73,8 @@ class Table:
       below this value (rows a resumed run will write again); ``None``
       starts a new file.
     key: the column ``keep_below`` refers to.
+    writable: ``False`` keeps the rows in memory only and never touches the
+      file (the processes of a multi-process run other than the first).
   """
 
   def __init__(
@@ -82,9 +84,11 @@ class Table:
     columns: tuple[str, ...],
     keep_below: float | None,
     key: str,
+    writable: bool = True,
   ):
     self.path = Path(path)
     self.columns = columns
+    self.writable = writable
     kept: dict[float, dict[str, float]] = {}
     if keep_below is not None:
       for row in read_rows(self.path):
@@ -92,6 +96,8 @@ class Table:
           kept.pop(row[key], None)
           kept[row[key]] = row  # the newest row of a repeated step wins
     self.rows: list[dict[str, float]] = sorted(kept.values(), key=lambda row: row[key])
+    if not writable:
+      return
     partial = self.path.with_name(self.path.name + '.tmp')
     try:
       with partial.open('w', newline='') as handle:
@@ -104,11 +110,17 @@ class Table:
 
   def append(self, row: dict[str, Any]) -> None:
     """Adds one row (every column required) and flushes it to disk."""
-    values = {k: float(row[k]) for k in self.columns}
-    self.rows.append(values)
+    self.extend([row])
+
+  def extend(self, rows: list[dict[str, Any]]) -> None:
+    """Adds ``rows`` (every column required) in one write, flushed to disk."""
+    values = [{k: float(row[k]) for k in self.columns} for row in rows]
+    self.rows.extend(values)
+    if not self.writable:
+      return
     with self.path.open('a', newline='') as handle:
-      csv.DictWriter(handle, fieldnames=self.columns).writerow(
-        {k: _format(v) for k, v in values.items()}
+      csv.DictWriter(handle, fieldnames=self.columns).writerows(
+        {k: _format(v) for k, v in row.items()} for row in values
       )
 
 
@@ -181,10 +193,13 @@ class Progress:
     enabled: ``False`` draws nothing (messages are still printed).
     total_steps: steps of the whole run, for its ETA.
     batch_size: images per step.
+    silent: prints nothing at all, messages included (the processes of a
+      multi-process run other than the first).
   """
 
-  def __init__(self, *, enabled: bool, total_steps: int, batch_size: int):
-    self.enabled = enabled
+  def __init__(self, *, enabled: bool, total_steps: int, batch_size: int, silent: bool = False):
+    self.enabled = enabled and not silent
+    self.silent = silent
     self.total_steps = total_steps
     self.batch_size = batch_size
     self._bar = None
@@ -205,8 +220,10 @@ class Progress:
       mininterval=1.0,
     )
 
-  def update(self, *, metrics: dict[str, float], images_per_s: float, step: int) -> None:
-    """Advances one step; ``step`` is the run's steps done so far."""
+  def update(
+    self, *, metrics: dict[str, float], images_per_s: float, step: int, steps: int = 1
+  ) -> None:
+    """Advances ``steps`` steps; ``step`` is the run's steps done so far, ``metrics`` the last's."""
     if self._bar is None:
       return
     left = (self.total_steps - step) * self.batch_size / images_per_s if images_per_s > 0 else 0
@@ -215,7 +232,7 @@ class Progress:
       f'{images_per_s:.1f} img/s, run ETA {_clock(left)}',
       refresh=False,
     )
-    self._bar.update(1)
+    self._bar.update(steps)
 
   def end_epoch(self) -> None:
     """Closes the epoch's bar."""
@@ -225,6 +242,8 @@ class Progress:
 
   def write(self, message: str) -> None:
     """Prints ``message`` without breaking the bar."""
+    if self.silent:
+      return
     if self._bar is not None:
       self._bar.write(message)
     else:

@@ -1,0 +1,153 @@
+"""Two processes on one machine train exactly as one process with two devices.
+
+``python -m train --distributed --coordinator 127.0.0.1:PORT --num-processes 2
+--process-id I`` is started twice (one CPU device each, gloo collectives): 2
+steps, then a resume from their checkpoint to the end of the second epoch.
+The reference is one process with two simulated devices
+(``--xla_force_host_platform_device_count=2``) running the same 4 steps in
+one go. Losses, validation metrics and the final weights must agree, and
+only process 0 may print or write tables. Ports are picked free; every
+process is killed when the test ends, passed or not.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+import yaml
+
+from reorg_jax import checkpoint, synthetic
+from train import config as config_lib
+from train import loop, report
+
+ROOT = Path(__file__).resolve().parents[1]
+TIMEOUT_S = 900  # per launch; compiling takes most of it on 2 cores
+
+
+@pytest.fixture(scope='module')
+def runs(tmp_path_factory):
+  """``(base, config_file, reference, two, outputs)``: the reference and the two-process run."""
+  base = tmp_path_factory.mktemp('distributed')
+  data = synthetic.write_dataset(base / 'data', num_train=8, num_val=4, image_size=64, seed=0)
+  options = {
+    'data': {'yaml': str(data)},
+    'train': {'epochs': 2, 'batch_size': 4, 'image_size': 64, 'loader_threads': 1},
+    'eval': {'batch_size': 4, 'max_detections': 100, 'max_candidates': 200},
+    'augment': {'enabled': False},
+    'recipe': {'lr0': 0.04, 'warmup_epochs': 0.0, 'min_warmup_steps': 2},
+    'checkpoint': {'save_every': 2, 'keep_last': 2},
+    'log': {'progress': False, 'plots': False, 'tensorboard': True},
+  }
+  config_file = base / 'tiny.yaml'
+  config_file.write_text(yaml.safe_dump(options))
+  env = dict(os.environ, JAX_PLATFORMS='cpu', JAX_COMPILATION_CACHE_DIR=str(base / 'cache'))
+  env['PYTHONPATH'] = os.pathsep.join([str(ROOT), env.get('PYTHONPATH', '')])
+  command = [sys.executable, '-m', 'train', '--config', str(config_file)]
+
+  reference = base / 'reference'
+  flags = env.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=2'
+  done = subprocess.run(
+    [*command, '--workdir', str(reference)],
+    cwd=ROOT,
+    env=dict(env, XLA_FLAGS=flags),
+    capture_output=True,
+    text=True,
+    timeout=TIMEOUT_S,
+  )
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert '2 cpu device(s)' in done.stdout
+
+  two = base / 'two'
+  outputs = [
+    _two_processes([*command, '--workdir', str(two), '--steps', '2'], env=env),
+    _two_processes([*command, '--workdir', str(two), '--resume'], env=env),
+  ]
+  return base, config_file, reference, two, outputs
+
+
+def _free_port() -> int:
+  with socket.socket() as probe:
+    probe.bind(('127.0.0.1', 0))
+    return probe.getsockname()[1]
+
+
+def _two_processes(command: list[str], *, env: dict[str, str]) -> list[str]:
+  """Runs ``command`` as processes 0 and 1 of one run; returns their stdouts."""
+  address = f'127.0.0.1:{_free_port()}'
+  distributed = ['--distributed', '--coordinator', address, '--num-processes', '2']
+  processes: list[subprocess.Popen] = []
+  try:
+    for index in range(2):
+      processes.append(
+        subprocess.Popen(
+          [*command, *distributed, '--process-id', str(index)],
+          cwd=ROOT,
+          env=env,
+          stdout=subprocess.PIPE,
+          stderr=subprocess.PIPE,
+          text=True,
+        )
+      )
+    outputs = [process.communicate(timeout=TIMEOUT_S) for process in processes]
+  finally:
+    for process in processes:
+      if process.poll() is None:
+        process.kill()
+        process.communicate()
+  for index, (process, (_, err)) in enumerate(zip(processes, outputs, strict=True)):
+    assert process.returncode == 0, f'process {index}: {err[-3000:]}'
+  return [out for out, _ in outputs]
+
+
+def test_two_processes_train_as_one_with_two_devices(runs):
+  _, _, reference, two, _ = runs
+  steps, expected = report.read_rows(two / 'steps.csv'), report.read_rows(reference / 'steps.csv')
+  assert [r['step'] for r in steps] == [0, 1, 2, 3]
+  for column in ('loss', 'box', 'obj', 'cls', 'lr'):
+    np.testing.assert_allclose(
+      [r[column] for r in steps], [r[column] for r in expected], rtol=1e-6, err_msg=column
+    )
+  epochs = report.read_rows(two / 'results.csv')
+  assert [r['epoch'] for r in epochs] == [0, 1]
+  for column in ('precision', 'recall', 'map50', 'map50_95'):
+    np.testing.assert_allclose(
+      [r[column] for r in epochs],
+      [r[column] for r in report.read_rows(reference / 'results.csv')],
+      atol=1e-6,
+      err_msg=column,
+    )
+
+
+def test_checkpoints_of_both_processes_resume_to_the_same_weights(runs):
+  _, config_file, reference, two, _ = runs
+  config = config_lib.load(config_path=config_file, overrides={})
+  pieces = loop.setup(config, data_path=Path(config['data']['yaml']))
+  pieces.close()
+  restored = []
+  for workdir in (reference, two):
+    with checkpoint.Checkpoints(workdir / 'checkpoints', save_every=2, read_only=True) as ckpt:
+      latest = ckpt.restore_latest(like=pieces.state)
+    assert latest is not None and latest.step == 4
+    restored.append(jax.tree.leaves(latest.state))
+  want, got = restored
+  assert len(got) == len(want)
+  for g, w in zip(got, want, strict=True):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-6, atol=1e-7)
+
+
+def test_only_process_zero_prints_and_writes(runs):
+  _, _, _, two, outputs = runs
+  (first_0, first_1), (resumed_0, resumed_1) = outputs
+  assert 'epoch 1/2' in first_0 and 'done: 2 steps' in first_0
+  assert 'resumed at step 2' in resumed_0 and 'epoch 2/2' in resumed_0
+  for quiet in (first_1, resumed_1):
+    assert 'epoch' not in quiet and 'done:' not in quiet and 'training' not in quiet
+  assert len(list((two / 'tensorboard').glob('events.out.tfevents.*'))) == 2  # one per launch
+  assert sorted(p.name for p in two.glob('run*.lock')) == ['run.0.lock', 'run.1.lock']
