@@ -264,15 +264,14 @@ def place(tree: Any, sharding: Any) -> Any:
   own devices hold, so this works with one process or many (where
   ``jax.device_put`` of a local array onto other processes' devices cannot).
   """
-  shardings = sharding if not isinstance(sharding, jax.sharding.Sharding) else None
 
   def put(value: Any, where: jax.sharding.Sharding) -> jax.Array:
     host = np.asarray(value)
     return jax.make_array_from_callback(host.shape, where, lambda index: host[index])
 
-  if shardings is None:
+  if isinstance(sharding, jax.sharding.Sharding):
     return jax.tree.map(lambda value: put(value, sharding), tree)
-  return jax.tree.map(put, tree, shardings)
+  return jax.tree.map(put, tree, sharding)
 
 
 def shard_batch(batch: Mapping[str, Any], batch_sharding: NamedSharding) -> dict[str, Any]:
