@@ -1,5 +1,6 @@
-"""Shared pytest setup: the reference implementation's torchvision stand-in, and
-dropping compiled code between test modules."""
+"""Shared pytest setup: the reference implementation's torchvision stand-in,
+dropping compiled code between test modules, and undoing the training
+program's compilation-cache setting after each test that ran it in-process."""
 
 import jax
 import oracle  # noqa: F401  (registers the torchvision stand-in before any test imports sas_yolov7)
@@ -17,3 +18,16 @@ def _drop_compiled_code():
   """
   yield
   jax.clear_caches()
+
+
+_CACHE_OPTIONS = ('jax_compilation_cache_dir', 'jax_enable_compilation_cache')
+
+
+@pytest.fixture(autouse=True)
+def _restore_compile_cache():
+  """Puts back the persistent-cache options ``train.main.main`` sets for its run."""
+  before = {name: getattr(jax.config, name) for name in _CACHE_OPTIONS}
+  yield
+  for name, value in before.items():
+    if getattr(jax.config, name) != value:
+      jax.config.update(name, value)

@@ -16,6 +16,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import jax
@@ -66,8 +67,12 @@ def runs(tmp_path_factory):
 
   two = base / 'two'
   outputs = [
-    _two_processes([*command, '--workdir', str(two), '--steps', '2'], env=env),
-    _two_processes([*command, '--workdir', str(two), '--resume'], env=env),
+    _two_processes(
+      [*command, '--workdir', str(two), '--steps', '2'], env=env, logs=base / 'logs' / 'first'
+    ),
+    _two_processes(
+      [*command, '--workdir', str(two), '--resume'], env=env, logs=base / 'logs' / 'resume'
+    ),
   ]
   return base, config_file, reference, two, outputs
 
@@ -78,32 +83,49 @@ def _free_port() -> int:
     return probe.getsockname()[1]
 
 
-def _two_processes(command: list[str], *, env: dict[str, str]) -> list[str]:
-  """Runs ``command`` as processes 0 and 1 of one run; returns their stdouts."""
+def _two_processes(command: list[str], *, env: dict[str, str], logs: Path) -> list[str]:
+  """Runs ``command`` as processes 0 and 1 of one run; returns their stdouts.
+
+  Each process writes to its own files under ``logs``: a pipe that nobody
+  reads while the test waits on the other process would fill and stall the
+  process writing to it (and then the other, at its next collective).
+  """
   address = f'127.0.0.1:{_free_port()}'
   distributed = ['--distributed', '--coordinator', address, '--num-processes', '2']
+  logs.mkdir(parents=True)
   processes: list[subprocess.Popen] = []
   try:
     for index in range(2):
-      processes.append(
-        subprocess.Popen(
-          [*command, *distributed, '--process-id', str(index)],
-          cwd=ROOT,
-          env=env,
-          stdout=subprocess.PIPE,
-          stderr=subprocess.PIPE,
-          text=True,
+      with (
+        open(logs / f'{index}.out', 'w') as out,
+        open(logs / f'{index}.err', 'w') as err,
+      ):
+        processes.append(
+          subprocess.Popen(
+            [*command, *distributed, '--process-id', str(index)],
+            cwd=ROOT,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=err,
+          )
         )
-      )
-    outputs = [process.communicate(timeout=TIMEOUT_S) for process in processes]
+    deadline = time.monotonic() + TIMEOUT_S
+    for process in processes:
+      process.wait(timeout=max(1.0, deadline - time.monotonic()))
   finally:
     for process in processes:
       if process.poll() is None:
         process.kill()
-        process.communicate()
-  for index, (process, (_, err)) in enumerate(zip(processes, outputs, strict=True)):
-    assert process.returncode == 0, f'process {index}: {err[-3000:]}'
-  return [out for out, _ in outputs]
+        process.wait()
+  codes = [process.returncode for process in processes]
+  assert codes == [0, 0], (
+    '\n'.join(  # both sides: one's failure is often the other's cause
+      f'process {index} (exit {code}): {(logs / f"{index}.err").read_text()[-2500:]}'
+      for index, code in enumerate(codes)
+    )
+  )
+  return [(logs / f'{index}.out').read_text() for index in range(2)]
 
 
 def test_two_processes_train_as_one_with_two_devices(runs):

@@ -258,11 +258,11 @@ def test_non_finite_step_stops_and_is_not_saved(setup, monkeypatch, capsys):
 
 def test_eight_simulated_devices_match_one(setup, straight):
   base, config_file, cache = setup
-  workdir = base / 'eight'
+  workdir, own_cache = base / 'eight', base / 'eight-cache'
   flags = os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8'
   command = [sys.executable, '-m', 'train', '--config', str(config_file), '--steps', '3']
   process = subprocess.run(
-    [*command, '--workdir', str(workdir)],
+    [*command, '--workdir', str(workdir), '--compile-cache', str(own_cache)],
     cwd=ROOT,
     env=_env(cache, XLA_FLAGS=flags),
     capture_output=True,
@@ -271,6 +271,7 @@ def test_eight_simulated_devices_match_one(setup, straight):
   )
   assert process.returncode == 0, process.stderr[-3000:]
   assert '8 cpu device(s)' in process.stdout
+  assert any(own_cache.iterdir()), '--compile-cache stored no program'  # the step, at least
   eight = report.read_rows(workdir / 'steps.csv')
   one = report.read_rows(base / 'straight' / 'steps.csv')[:3]
   for column in ('loss', 'box', 'obj', 'cls'):

@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 # Flag -> dotted option it overrides.
 OVERRIDES = {
@@ -62,6 +64,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     '--no-progress', action='store_true', help='no progress bar (epoch lines are still printed)'
   )
   parser.add_argument(
+    '--compile-cache',
+    metavar='DIR',
+    help="jax's persistent compilation cache: a later run of the same model, shapes and "
+    'devices loads its programs instead of compiling them (default: $JAX_COMPILATION_CACHE_DIR, '
+    'else $XDG_CACHE_HOME/reorg-jax/xla, else ~/.cache/reorg-jax/xla)',
+  )
+  parser.add_argument(
+    '--no-compile-cache', action='store_true', help='compile everything, read and write no cache'
+  )
+  parser.add_argument(
     '--distributed',
     action='store_true',
     help='call jax.distributed.initialize() first (one process per host; see the README)',
@@ -74,6 +86,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   )
   parser.add_argument('--process-id', type=int, help='with --distributed: this process, 0..N-1')
   args = parser.parse_args(argv)
+  if args.compile_cache is not None and args.no_compile_cache:
+    parser.error('--compile-cache and --no-compile-cache exclude each other')
   explicit = [args.coordinator, args.num_processes, args.process_id]
   if any(v is not None for v in explicit):
     if not args.distributed:
@@ -86,6 +100,37 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         f'{args.num_processes}'
       )
   return args
+
+
+def compile_cache_dir(args: argparse.Namespace) -> Path | None:
+  """The persistent compilation cache the run uses (``None``: none).
+
+  Only process 0 of a multi-process run writes to it (jax's rule); every
+  process reads it.
+  """
+  import jax
+
+  if args.no_compile_cache:
+    return None
+  if args.compile_cache is not None:
+    return Path(args.compile_cache).expanduser()
+  if jax.config.jax_compilation_cache_dir:
+    return Path(jax.config.jax_compilation_cache_dir)
+  home = os.environ.get('XDG_CACHE_HOME') or Path.home() / '.cache'
+  return Path(home) / 'reorg-jax' / 'xla'
+
+
+def use_compile_cache(directory: Path | None) -> None:
+  """Points jax's persistent compilation cache at ``directory`` (``None``: off).
+
+  Programs that compile in under a second are not stored (jax's default).
+  """
+  import jax
+
+  if directory is None:
+    jax.config.update('jax_enable_compilation_cache', False)
+  else:
+    jax.config.update('jax_compilation_cache_dir', str(directory))
 
 
 def initialize_distributed(args: argparse.Namespace) -> None:
@@ -141,6 +186,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   for name in ('absl', 'asyncio'):
     logging.getLogger(name).setLevel(logging.CRITICAL)
   sys.unraisablehook = _quiet_closed_loops(sys.unraisablehook)
+  use_compile_cache(compile_cache_dir(args))  # before anything compiles
   if args.distributed:
     initialize_distributed(args)
 
