@@ -37,7 +37,7 @@ def _rows(out: str) -> dict[tuple[str, str], list[str]]:
   rows = {}
   for line in out.splitlines()[header + 1 :]:
     cells = line.split()
-    if cells and cells[0] in ('ours', 'upstream'):
+    if len(cells) == 12 and cells[0] in ('ours', 'upstream'):  # not the ratio lines
       rows[(cells[0], cells[4])] = cells
   return rows
 
