@@ -181,14 +181,14 @@ def xla_analysis(compiled: Any) -> dict[str, float | None]:
   flops = float(cost['flops']) if cost and cost.get('flops', -1) > 0 else None
   memory = compiled.memory_analysis()
   if memory is None:
-    return {'flops': flops, 'xla_bytes': None, 'temp_bytes': None}
+    return {'flops': flops, 'xla_bytes': None}
   total = (
     memory.argument_size_in_bytes
     + memory.output_size_in_bytes
     + memory.temp_size_in_bytes
     - memory.alias_size_in_bytes
   )
-  return {'flops': flops, 'xla_bytes': float(total), 'temp_bytes': float(memory.temp_size_in_bytes)}
+  return {'flops': flops, 'xla_bytes': float(total)}
 
 
 def measure_ours(case: Case, *, boxes: int, repeats: int, run: bool, smoke: bool) -> dict:
@@ -313,7 +313,6 @@ def measure_upstream(case: Case, *, boxes: int, repeats: int) -> dict:
     'peak_bytes': float(torch.cuda.max_memory_allocated()) if cuda else None,
     'flops': None,
     'xla_bytes': None,
-    'temp_bytes': None,
   }
 
 

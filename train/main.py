@@ -63,14 +63,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   parser.add_argument(
     '--no-progress', action='store_true', help='no progress bar (epoch lines are still printed)'
   )
-  parser.add_argument(
+  cache = parser.add_mutually_exclusive_group()
+  cache.add_argument(
     '--compile-cache',
     metavar='DIR',
     help="jax's persistent compilation cache: a later run of the same model, shapes and "
     'devices loads its programs instead of compiling them (default: $JAX_COMPILATION_CACHE_DIR, '
     'else $XDG_CACHE_HOME/reorg-jax/xla, else ~/.cache/reorg-jax/xla)',
   )
-  parser.add_argument(
+  cache.add_argument(
     '--no-compile-cache', action='store_true', help='compile everything, read and write no cache'
   )
   parser.add_argument(
@@ -86,8 +87,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   )
   parser.add_argument('--process-id', type=int, help='with --distributed: this process, 0..N-1')
   args = parser.parse_args(argv)
-  if args.compile_cache is not None and args.no_compile_cache:
-    parser.error('--compile-cache and --no-compile-cache exclude each other')
   explicit = [args.coordinator, args.num_processes, args.process_id]
   if any(v is not None for v in explicit):
     if not args.distributed:
@@ -105,8 +104,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def compile_cache_dir(args: argparse.Namespace) -> Path | None:
   """The persistent compilation cache the run uses (``None``: none).
 
-  Only process 0 of a multi-process run writes to it (jax's rule); every
-  process reads it.
+  Only process 0 of a multi-process run writes to it (jax's rule); on CPU the
+  other processes' programs are keyed to their own devices and never found there.
   """
   import jax
 
