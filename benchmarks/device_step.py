@@ -343,7 +343,7 @@ def plan(spec: dict, *, accelerator: bool) -> tuple[list[Case], bool]:
   Off an accelerator, outside ``--smoke``, only the largest batch is compiled
   (for the memory analysis): running W6 at 1280 px on a CPU takes hours.
   """
-  run = (accelerator or spec['smoke']) and not spec['memory_only']
+  run = (accelerator or spec['smoke'] or spec['run']) and not spec['memory_only']
   batches = spec['batches'] if run or spec['smoke'] else [max(spec['batches'])]
   cases = [
     Case(spec['model'], spec['image_size'], b, d, spec['num_classes'])
@@ -463,6 +463,7 @@ def main(argv: list[str] | None = None) -> int:
     'repeats': repeats,
     'smoke': args.smoke,
     'memory_only': args.memory_only,
+    'run': False,  # run off an accelerator too (benchmarks/train_speed.py --vs-upstream)
   }
   # Neither framework runs in this process: each worker owns the device while it runs.
   device, rows = _in_own_process('ours', spec, timeout=args.timeout)

@@ -20,8 +20,23 @@ with machine noise of a few percent of a multi-second step).
 Times are medians of repeated calls after the first (compiling) one; the
 state is donated between calls as in training. Prints a table; not a test.
 
+``--vs-upstream`` instead times the whole training step against upstream's
+(``Model``, ``ComputeLossAuxOTA``, backward and Nesterov ``SGD`` over its three
+parameter groups, float32) for the same models, sizes and batches, on random
+images with ``--boxes`` random boxes per image and ``--classes`` classes. Each
+framework runs in its own process (two frameworks' thread pools in one process
+starve each other), ``--rounds`` rounds alternating which goes first; each
+round reports the median of ``--repeats`` steps after the first, and the best
+round counts. It prints our compile time (the first call: tracing, XLA
+compilation) and upstream's first step, and a line per model::
+
+  ratio: model=<m> size=<s> batch=<b> ours_step_s=<x> upstream_step_s=<y> ours_vs_upstream=<y/x>
+
+(above 1: our step is faster). The workers are ``benchmarks/device_step.py``'s.
+
     python benchmarks/train_speed.py                       # small model at 256 and W6 at 640
     python benchmarks/train_speed.py --models nano --repeats 10
+    python benchmarks/train_speed.py --vs-upstream --rounds 2
 """
 
 from __future__ import annotations
@@ -29,6 +44,7 @@ from __future__ import annotations
 import argparse
 import functools
 import importlib.util
+import os
 import pathlib
 import platform
 import statistics
@@ -159,6 +175,57 @@ def _time_loss(setup, state, batch, loss_config, *, repeats: int) -> float:
   return statistics.median(times)
 
 
+def vs_upstream(args: argparse.Namespace) -> None:
+  """Whole steps, ours against upstream's, each in its own process (see the module docstring)."""
+  import device_step
+
+  runs = []
+  if 'nano' in args.models:
+    runs.append(('nano', args.nano_size, args.nano_batch))
+  if 'w6' in args.models:
+    runs.append(('w6', args.w6_size, args.w6_batch))
+  print(
+    f'{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; {args.boxes} boxes '
+    f'per image, {args.classes} classes; best of {args.rounds} rounds, median of '
+    f'{args.repeats} steps each'
+  )
+  print(
+    f'{"model":<6} {"size":>5} {"batch":>5} {"ours compile s":>14} {"ours step s":>11} '
+    f'{"upstream 1st s":>14} {"upstream step s":>15} {"ours / upstream":>15}'
+  )
+  for model, size, batch in runs:
+    spec = {
+      'model': model,
+      'image_size': size,
+      'batches': [batch],
+      'dtypes': ['float32'],
+      'num_classes': args.classes,
+      'boxes': args.boxes,
+      'repeats': args.repeats,
+      'smoke': False,
+      'memory_only': False,
+      'run': True,
+    }
+    best: dict[str, dict] = {}
+    for round_ in range(args.rounds):
+      order = ('ours', 'upstream') if round_ % 2 == 0 else ('upstream', 'ours')
+      for framework in order:
+        (row,) = device_step._in_own_process(framework, spec, timeout=3600)[1]
+        if framework not in best or row['step_s'] < best[framework]['step_s']:
+          best[framework] = row
+    ours, theirs = best['ours'], best['upstream']
+    ratio = theirs['step_s'] / ours['step_s']
+    print(
+      f'{model:<6} {size:>5} {batch:>5} {ours["compile_s"]:>14.1f} {ours["step_s"]:>11.3f} '
+      f'{theirs["compile_s"]:>14.2f} {theirs["step_s"]:>15.3f} {ratio:>14.2f}x'
+    )
+    print(
+      f'ratio: model={model} size={size} batch={batch} ours_step_s={ours["step_s"]:.4g} '
+      f'upstream_step_s={theirs["step_s"]:.4g} ours_vs_upstream={ratio:.2f}',
+      flush=True,
+    )
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--models', nargs='+', default=['nano', 'w6'], choices=['nano', 'w6'])
@@ -167,7 +234,14 @@ def main() -> None:
   parser.add_argument('--w6-size', type=int, default=640)
   parser.add_argument('--w6-batch', type=int, default=2)
   parser.add_argument('--repeats', type=int, default=5)
+  parser.add_argument('--vs-upstream', action='store_true', help="whole steps against upstream's")
+  parser.add_argument('--rounds', type=int, default=2, help='--vs-upstream: alternating rounds')
+  parser.add_argument('--boxes', type=int, default=7, help='--vs-upstream: boxes per image')
+  parser.add_argument('--classes', type=int, default=80, help='--vs-upstream: classes')
   args = parser.parse_args()
+  if args.vs_upstream:
+    vs_upstream(args)
+    return
   print(f'{platform.processor() or platform.machine()}, jax {jax.__version__}, {jax.devices()}')
   with tempfile.TemporaryDirectory() as root:
     size = max(args.nano_size, args.w6_size)

@@ -52,6 +52,18 @@ values those of the last evaluated epoch (``nan`` when no epoch ended).
     python benchmarks/train_vs_upstream.py                 # the default demo, seed 0
     python benchmarks/train_vs_upstream.py --epochs 2 --seed 1 --out runs/agreement
     python benchmarks/train_vs_upstream.py --steps 3       # a few steps, no evaluation
+    python benchmarks/train_vs_upstream.py --sides perturbed --out runs/agreement  # baseline
+
+**Rounding baseline.** The side ``perturbed`` is upstream once more, from the
+same weights with every floating-point value moved to a neighbouring float32
+(one unit in the last place, up or down at random, seeded by the run's seed):
+the smallest change float rounding can make. Compared with ``upstream`` it
+shows how fast upstream's own recipe turns one rounding into different runs,
+the yardstick for the cross-framework figures. Its tables go to
+``baseline/`` (the same files, columns ``*_upstream`` and ``*_perturbed``),
+and a second line is printed before the ``agreement:`` line::
+
+  baseline: steps=<n> first_divergence_step=<k> loss_rel_err_first50=<x> map50_upstream=<a> map50_perturbed=<b>
 
 Needs the test extra (``pip install -e '.[test]'``: torch and the reference
 package).
@@ -77,6 +89,7 @@ DIVERGENCE = 1e-3  # Relative difference of the total loss that counts as diverg
 FIRST_STEPS = 50  # Steps over which loss_rel_err_first50 is taken.
 STEP_COLUMNS = ('step', 'epoch', 'loss', 'box', 'obj', 'cls', 'lr')
 EPOCH_COLUMNS = ('epoch', 'step', 'precision', 'recall', 'map50', 'map50_95')
+SIDES = ('ours', 'upstream', 'perturbed')
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -90,9 +103,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
   parser.add_argument(
     '--sides',
     default='ours,upstream',
-    help='sides to (re)run, comma-separated; a side not run is read from --out',
+    help='sides to (re)run, comma-separated, of ours, upstream and perturbed (upstream from '
+    'weights one float32 rounding away: a baseline); a side not run is read from --out',
   )
-  parser.add_argument('--worker', choices=('ours', 'upstream'), help=argparse.SUPPRESS)
+  parser.add_argument('--worker', choices=SIDES, help=argparse.SUPPRESS)
   return parser.parse_args(argv)
 
 
@@ -166,6 +180,23 @@ def initial_state_dict(pieces: Any) -> dict[str, np.ndarray]:
   return {k: np.asarray(v) for k, v in exported.items()}
 
 
+def one_rounding_away(state: dict[str, np.ndarray], *, seed: int) -> dict[str, np.ndarray]:
+  """``state`` with every float32 value moved one ulp up or down (random signs from ``seed``).
+
+  Other tensors (integer counters) and the anchors, which are fixed, are
+  returned unchanged.
+  """
+  rng = np.random.default_rng([seed, 0x5E1F])
+  moved = {}
+  for key, value in state.items():
+    if value.dtype != np.float32 or 'anchor' in key:
+      moved[key] = value
+      continue
+    toward = np.where(rng.random(value.shape) < 0.5, -np.inf, np.inf).astype(np.float32)
+    moved[key] = np.nextafter(value, toward)
+  return moved
+
+
 def write_csv(path: pathlib.Path, columns: tuple[str, ...], rows: list[dict[str, Any]]) -> None:
   with open(path, 'w', newline='') as f:
     writer = csv.DictWriter(f, fieldnames=columns, extrasaction='ignore')
@@ -201,7 +232,8 @@ def run_ours(config: dict[str, Any], side: pathlib.Path) -> None:
   (side / 'timing.json').write_text(json.dumps({'seconds': seconds, 'steps': result.steps}))
 
 
-def run_upstream(config: dict[str, Any], side: pathlib.Path) -> None:
+def run_upstream(config: dict[str, Any], side: pathlib.Path, *, perturb: bool = False) -> None:
+  """Upstream's loop; ``perturb``: from :func:`one_rounding_away` of the shared start."""
   import upstream_train_aux
 
   from train import loop
@@ -209,6 +241,8 @@ def run_upstream(config: dict[str, Any], side: pathlib.Path) -> None:
   pieces = loop.setup(config, data_path=pathlib.Path(config['data']['yaml']))
   try:
     start = initial_state_dict(pieces)
+    if perturb:
+      start = one_rounding_away(start, seed=config['seed'])
     np.savez(side / 'initial.npz', **start)
     result = upstream_train_aux.train(
       config,
@@ -236,71 +270,86 @@ def run_upstream(config: dict[str, Any], side: pathlib.Path) -> None:
 # --- Comparison --------------------------------------------------------------------------------
 
 
-def compare(out: pathlib.Path) -> dict[str, Any]:
-  """Writes the joined tables and the figure; returns the agreement figures."""
-  ours = {int(r['step']): r for r in read_csv(out / 'ours' / 'steps.csv')}
-  upstream = {int(r['step']): r for r in read_csv(out / 'upstream' / 'steps.csv')}
-  shared = sorted(set(ours) & set(upstream))
+def compare(
+  out: pathlib.Path,
+  *,
+  sides: tuple[str, str] = ('ours', 'upstream'),
+  into: pathlib.Path | None = None,
+) -> dict[str, Any]:
+  """Writes the joined tables and the figure of two sides; returns their agreement figures.
+
+  Args:
+    out: the run's directory, holding one folder per side.
+    sides: ``(compared, reference)``; relative differences are taken to the
+      reference, and columns are suffixed with the side names.
+    into: where the tables go (default ``out``).
+  """
+  a_name, b_name = sides
+  into = out if into is None else into
+  into.mkdir(parents=True, exist_ok=True)
+  a_steps = {int(r['step']): r for r in read_csv(out / a_name / 'steps.csv')}
+  b_steps = {int(r['step']): r for r in read_csv(out / b_name / 'steps.csv')}
+  shared = sorted(set(a_steps) & set(b_steps))
   rows, divergence, first = [], None, 0.0
   for step in shared:
-    a, b = ours[step]['loss'], upstream[step]['loss']
+    a, b = a_steps[step]['loss'], b_steps[step]['loss']
     rel = abs(a - b) / max(abs(b), 1e-12)
     if divergence is None and not rel <= DIVERGENCE:
       divergence = step
     if step < FIRST_STEPS:
       first = max(first, rel)
-    row = {'step': step, 'epoch': int(ours[step]['epoch']), 'rel_err': rel}
+    row = {'step': step, 'epoch': int(a_steps[step]['epoch']), 'rel_err': rel}
     for part in ('loss', 'box', 'obj', 'cls'):
-      row[f'{part}_ours'], row[f'{part}_upstream'] = ours[step][part], upstream[step][part]
+      row[f'{part}_{a_name}'], row[f'{part}_{b_name}'] = a_steps[step][part], b_steps[step][part]
     rows.append(row)
   columns = ('step', 'epoch', 'rel_err') + tuple(
-    f'{p}_{s}' for p in ('loss', 'box', 'obj', 'cls') for s in ('ours', 'upstream')
+    f'{p}_{s}' for p in ('loss', 'box', 'obj', 'cls') for s in sides
   )
-  write_csv(out / 'steps.csv', columns, rows)
+  write_csv(into / 'steps.csv', columns, rows)
 
-  ours_epochs = read_csv(out / 'ours' / 'results.csv')
-  upstream_epochs = {int(r['epoch']): r for r in read_csv(out / 'upstream' / 'results.csv')}
+  a_epochs = read_csv(out / a_name / 'results.csv')
+  b_epochs = {int(r['epoch']): r for r in read_csv(out / b_name / 'results.csv')}
   epoch_rows = []
-  for row in ours_epochs:
-    other = upstream_epochs.get(int(row['epoch']))
+  for row in a_epochs:
+    other = b_epochs.get(int(row['epoch']))
     if other is None:
       continue
     joined = {'epoch': int(row['epoch'])}
     for key in ('precision', 'recall', 'map50', 'map50_95'):
-      joined[f'{key}_ours'], joined[f'{key}_upstream'] = row[key], other[key]
+      joined[f'{key}_{a_name}'], joined[f'{key}_{b_name}'] = row[key], other[key]
     epoch_rows.append(joined)
   write_csv(
-    out / 'epochs.csv',
+    into / 'epochs.csv',
     ('epoch',)
-    + tuple(
-      f'{k}_{s}' for k in ('precision', 'recall', 'map50', 'map50_95') for s in ('ours', 'upstream')
-    ),
+    + tuple(f'{k}_{s}' for k in ('precision', 'recall', 'map50', 'map50_95') for s in sides),
     epoch_rows,
   )
-  weight_rows = weight_differences(out)
-  write_csv(out / 'weights.csv', ('which', 'tensor', 'max_abs', 'rel'), weight_rows)
-  plot(out, rows, epoch_rows)
+  weight_rows = weight_differences(out, sides=sides)
+  write_csv(into / 'weights.csv', ('which', 'tensor', 'max_abs', 'rel'), weight_rows)
+  plot(into, rows, epoch_rows, sides=sides)
   last = epoch_rows[-1] if epoch_rows else {}
   return {
     'steps': len(shared),
     'first_divergence_step': 'none' if divergence is None else divergence,
     'loss_rel_err_first50': first,
-    'map50_ours': last.get('map50_ours', float('nan')),
-    'map50_upstream': last.get('map50_upstream', float('nan')),
+    f'map50_{a_name}': last.get(f'map50_{a_name}', float('nan')),
+    f'map50_{b_name}': last.get(f'map50_{b_name}', float('nan')),
     'weights': weight_rows,
   }
 
 
-def weight_differences(out: pathlib.Path) -> list[dict[str, Any]]:
+def weight_differences(
+  out: pathlib.Path, *, sides: tuple[str, str] = ('ours', 'upstream')
+) -> list[dict[str, Any]]:
   """Per floating tensor of the final raw and EMA state: largest and relative difference."""
-  ours, upstream = np.load(out / 'ours' / 'weights.npz'), np.load(out / 'upstream' / 'weights.npz')
+  compared, reference = (np.load(out / side / 'weights.npz') for side in sides)
   rows = []
-  for key in upstream.files:
+  for key in reference.files:
     which, name = key.split('/', 1)
-    want = upstream[key]
+    want = reference[key]
     if not np.issubdtype(want.dtype, np.floating) or 'anchor' in name:
       continue
-    got = ours[key].astype(np.float64)
+    got = compared[key].astype(np.float64)
     diff = got - want.astype(np.float64)
     norm = np.linalg.norm(want.astype(np.float64))
     rows.append(
@@ -314,7 +363,13 @@ def weight_differences(out: pathlib.Path) -> list[dict[str, Any]]:
   return rows
 
 
-def plot(out: pathlib.Path, rows: list[dict[str, Any]], epoch_rows: list[dict[str, Any]]) -> None:
+def plot(
+  out: pathlib.Path,
+  rows: list[dict[str, Any]],
+  epoch_rows: list[dict[str, Any]],
+  *,
+  sides: tuple[str, str] = ('ours', 'upstream'),
+) -> None:
   import matplotlib
 
   matplotlib.use('Agg')
@@ -322,7 +377,7 @@ def plot(out: pathlib.Path, rows: list[dict[str, Any]], epoch_rows: list[dict[st
 
   fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
   steps = [r['step'] for r in rows]
-  for side, style in (('upstream', '-'), ('ours', '--')):
+  for side, style in ((sides[1], '-'), (sides[0], '--')):
     left.plot(steps, [r[f'loss_{side}'] for r in rows], style, lw=1, label=side)
   left.set_yscale('log')
   left.set_xlabel('step')
@@ -330,7 +385,7 @@ def plot(out: pathlib.Path, rows: list[dict[str, Any]], epoch_rows: list[dict[st
   left.legend()
   if epoch_rows:
     epochs = [r['epoch'] + 1 for r in epoch_rows]
-    for side, style in (('upstream', 'o-'), ('ours', 's--')):
+    for side, style in ((sides[1], 'o-'), (sides[0], 's--')):
       right.plot(epochs, [r[f'map50_{side}'] for r in epoch_rows], style, ms=3, label=side)
     right.set_xlabel('epoch')
     right.set_ylabel('mAP@0.5 (EMA, validation)')
@@ -342,12 +397,17 @@ def plot(out: pathlib.Path, rows: list[dict[str, Any]], epoch_rows: list[dict[st
   plt.close(fig)
 
 
-def agreement_line(figures: dict[str, Any]) -> str:
+def agreement_line(
+  figures: dict[str, Any],
+  *,
+  sides: tuple[str, str] = ('ours', 'upstream'),
+  label: str = 'agreement',
+) -> str:
   return (
-    f'agreement: steps={figures["steps"]} '
+    f'{label}: steps={figures["steps"]} '
     f'first_divergence_step={figures["first_divergence_step"]} '
     f'loss_rel_err_first50={figures["loss_rel_err_first50"]:.3g} '
-    f'map50_ours={figures["map50_ours"]:.4f} map50_upstream={figures["map50_upstream"]:.4f}'
+    + ' '.join(f'map50_{side}={figures[f"map50_{side}"]:.4f}' for side in sides)
   )
 
 
@@ -364,14 +424,20 @@ def main(argv: list[str] | None = None) -> int:
     config = config_lib.load(config_path=out / 'config.yaml', overrides=None)
     side = out / args.worker
     side.mkdir(parents=True, exist_ok=True)
-    (run_ours if args.worker == 'ours' else run_upstream)(config, side)
+    if args.worker == 'ours':
+      run_ours(config, side)
+    else:
+      run_upstream(config, side, perturb=args.worker == 'perturbed')
     return 0
 
   sides = [s for s in args.sides.split(',') if s]
-  unknown = set(sides) - {'ours', 'upstream'}
+  unknown = set(sides) - set(SIDES)
   if unknown:
-    raise SystemExit(f'--sides: unknown side(s) {sorted(unknown)}; use ours, upstream')
-  resolve_config(args, out, reused=[s for s in ('ours', 'upstream') if s not in sides])
+    raise SystemExit(f'--sides: unknown side(s) {sorted(unknown)}; use {", ".join(SIDES)}')
+  kept = [s for s in ('ours', 'upstream') if s not in sides]
+  if 'perturbed' not in sides and (out / 'perturbed' / 'timing.json').is_file():
+    kept.append('perturbed')  # compared again below, so it must match the run's options
+  resolve_config(args, out, reused=kept)
   env = {
     **os.environ,
     'PYTHONPATH': os.pathsep.join([str(_ROOT), os.environ.get('PYTHONPATH', '')]),
@@ -383,13 +449,22 @@ def main(argv: list[str] | None = None) -> int:
       [sys.executable, __file__, '--worker', side, '--out', str(out)], check=True, env=env
     )
     print(f'{side}: {time.perf_counter() - started:.0f} s wall (process included)', flush=True)
-  for side in ('ours', 'upstream'):
-    if not (out / side / 'timing.json').is_file():
-      raise SystemExit(f'{out / side} holds no finished run; run it with --sides {side}')
+  done = {side for side in SIDES if (out / side / 'timing.json').is_file()}
+  if not {'ours', 'upstream'} <= done and not {'upstream', 'perturbed'} <= done:
+    missing = sorted({'ours', 'upstream'} - done)
+    raise SystemExit(f'{out} holds no finished {" and ".join(missing)} run; run it with --sides')
+  for side in SIDES:
+    if side in done:
+      timing = json.loads((out / side / 'timing.json').read_text())
+      print(
+        f'{side}: {timing["steps"]} steps in {timing["seconds"]:.0f} s (training and evaluation)'
+      )
+  if {'upstream', 'perturbed'} <= done:
+    baseline = compare(out, sides=('perturbed', 'upstream'), into=out / 'baseline')
+    print(agreement_line(baseline, sides=('upstream', 'perturbed'), label='baseline'))
+  if not {'ours', 'upstream'} <= done:
+    return 0
   figures = compare(out)
-  for side in ('ours', 'upstream'):
-    timing = json.loads((out / side / 'timing.json').read_text())
-    print(f'{side}: {timing["steps"]} steps in {timing["seconds"]:.0f} s (training and evaluation)')
   worst = max(figures['weights'], key=lambda r: r['rel'], default=None)
   if worst is not None:
     print(

@@ -197,7 +197,7 @@ def train(
   from sas_yolov7.models.yolo import Model
   from sas_yolov7.utils.torch_utils import ModelEMA
 
-  from reorg_jax import loader, yolo
+  from reorg_jax import prefetch, yolo
   from train import config as config_lib
 
   name = config['model']['name']
@@ -235,7 +235,7 @@ def train(
     model.train()
     optimizer.zero_grad()
     batches = itertools.islice(feed.epoch(epoch), min(nb, total - nb * epoch))
-    with loader.Prefetcher(batches, buffer_size=config['train']['prefetch']) as prefetched:
+    with prefetch.Prefetcher(batches, buffer_size=config['train']['prefetch']) as prefetched:
       for i, batch in enumerate(prefetched):
         ni = i + nb * epoch
         x = torch.from_numpy(batch.images.transpose(0, 3, 1, 2).astype(np.float32) / 255.0)

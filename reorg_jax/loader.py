@@ -1,4 +1,4 @@
-"""Training and evaluation batches: samples, deterministic epochs, background prefetch.
+"""Training and evaluation batches: samples, deterministic epochs, worker processes.
 
 Glossary: ``B`` batch size, ``M`` max boxes per image, ``N`` label rows,
 ``S`` image side (square batches ``[B, S, S, 3]``).
@@ -7,22 +7,32 @@ Everything a batch contains is a function of ``(seed, epoch, step)``: the
 epoch's order comes from ``(seed, epoch)`` and every sample draws its
 augmentations from a generator seeded with ``(seed, epoch, dataset index)``.
 So :meth:`BatchLoader.batch` can build any batch directly, a resumed run
-continues exactly at ``(epoch, step)``, and loading threads cannot change
-the result.
+continues exactly at ``(epoch, step)``, and neither loading threads nor
+worker processes can change the result. In multi-process training each
+process builds only its shard (a contiguous block of rows) of every global
+batch; the shards of all processes, stacked, are the global batch.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import queue
-import threading
-import weakref
-from collections.abc import Iterable, Iterator
+import multiprocessing
+from collections.abc import Iterator
 from concurrent import futures
 
+import cv2
 import numpy as np
 
 from reorg_jax import augment, dataset, targets
+
+__all__ = [
+  'Batch',
+  'BatchLoader',
+  'augment_notes',
+  'load_sample',
+  'max_boxes_bound',
+  'paste_objects',
+]
 
 # Seed tags: generators are seeded with (seed, epoch, TAG, ...), keeping the streams apart.
 _ORDER_TAG = 1
@@ -170,8 +180,48 @@ def max_boxes_bound(data: dataset.YoloDataset, config: augment.AugmentConfig | N
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
+class _Sampler:
+  """:func:`load_sample` of ``(epoch, index)`` with its seeded generator; sent to workers."""
+
+  data: dataset.YoloDataset
+  image_size: int
+  config: augment.AugmentConfig | None
+  seed: int
+
+  def __call__(self, epoch: int, index: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng([self.seed, epoch, _SAMPLE_TAG, index])
+    try:
+      return load_sample(self.data, index, image_size=self.image_size, config=self.config, rng=rng)
+    except dataset.DatasetError:
+      raise
+    except Exception as error:
+      path = self.data.image_paths[index]
+      raise RuntimeError(
+        f'loading {path} (index {index}, epoch {epoch}) failed: {error}'
+      ) from error
+
+
+# The sampler of a worker process, set once when the worker starts.
+_worker_sampler: _Sampler | None = None
+
+
+def _start_worker(sampler: _Sampler) -> None:
+  global _worker_sampler
+  _worker_sampler = sampler
+  cv2.setNumThreads(1)  # one core per worker, as upstream's DataLoader workers
+
+
+def _sample_in_worker(epoch: int, index: int) -> tuple[np.ndarray, np.ndarray]:
+  assert _worker_sampler is not None, 'worker started without its sampler'
+  return _worker_sampler(epoch, index)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
 class Batch:
   """One batch.
+
+  With a loader of ``shard_count`` shards, ``B`` here is the shard's rows,
+  ``batch_size / shard_count``, and image numbers count within the shard.
 
   Attributes:
     images: ``[B, S, S, 3]`` uint8 RGB (divide by 255 for ``[0, 1]`` floats;
@@ -218,6 +268,19 @@ class BatchLoader:
     drop_last: see above.
     num_threads: samples of a batch are loaded by this many threads
       (OpenCV releases the GIL while decoding and warping).
+    num_workers: samples are loaded by this many worker processes instead
+      (started with ``spawn``, each with one OpenCV thread; they receive the
+      dataset once); ``0``: in this process. Use one of ``num_threads`` and
+      ``num_workers``.
+    shard_index: which shard of every batch this loader builds.
+    shard_count: the shards (processes) a batch is split into: shard ``i``
+      holds the global batch's rows ``[i * B / n, (i + 1) * B / n)``.
+
+  Raises:
+    ValueError: a size or count below 1, a negative seed, both threads and
+      workers, a shard outside ``[0, shard_count)`` or a batch size that does
+      not split into the shards, or ``drop_last`` with fewer images than
+      ``batch_size``.
   """
 
   def __init__(
@@ -232,14 +295,27 @@ class BatchLoader:
     shuffle: bool,
     drop_last: bool,
     num_threads: int = 1,
+    num_workers: int = 0,
+    shard_index: int = 0,
+    shard_count: int = 1,
   ):
-    if batch_size < 1 or image_size < 1 or max_boxes < 1 or num_threads < 1:
+    if batch_size < 1 or image_size < 1 or max_boxes < 1 or num_threads < 1 or shard_count < 1:
       raise ValueError(
-        'batch_size, image_size, max_boxes and num_threads must be >= 1, got '
-        f'{batch_size}, {image_size}, {max_boxes}, {num_threads}'
+        'batch_size, image_size, max_boxes, num_threads and shard_count must be >= 1, got '
+        f'{batch_size}, {image_size}, {max_boxes}, {num_threads}, {shard_count}'
       )
     if seed < 0:
       raise ValueError(f'seed must be non-negative, got {seed}')
+    if num_workers < 0:
+      raise ValueError(f'num_workers must be >= 0, got {num_workers}')
+    if num_workers and num_threads > 1:
+      raise ValueError(
+        f'num_threads = {num_threads} and num_workers = {num_workers}: use one of them'
+      )
+    if not 0 <= shard_index < shard_count:
+      raise ValueError(f'shard_index {shard_index} is not in [0, {shard_count})')
+    if batch_size % shard_count:
+      raise ValueError(f'batch_size {batch_size} does not split into {shard_count} shards')
     if drop_last and len(data) < batch_size:
       raise ValueError(f'drop_last with {len(data)} images and batch_size {batch_size}: no batches')
     self.data = data
@@ -250,7 +326,25 @@ class BatchLoader:
     self.config = config
     self.shuffle = shuffle
     self.drop_last = drop_last
-    self._pool = futures.ThreadPoolExecutor(num_threads) if num_threads > 1 else None
+    self.shard_index = shard_index
+    self.shard_count = shard_count
+    self._sampler = _Sampler(data=data, image_size=image_size, config=config, seed=seed)
+    self._pool: futures.Executor | None = None
+    if num_workers:
+      self._pool = futures.ProcessPoolExecutor(
+        num_workers,
+        mp_context=multiprocessing.get_context('spawn'),
+        initializer=_start_worker,
+        initargs=(self._sampler,),
+      )
+    elif num_threads > 1:
+      self._pool = futures.ThreadPoolExecutor(num_threads)
+    self._workers = num_workers
+
+  @property
+  def shard_size(self) -> int:
+    """Rows of this loader's shard of every batch (``batch_size / shard_count``)."""
+    return self.batch_size // self.shard_count
 
   @property
   def steps_per_epoch(self) -> int:
@@ -265,28 +359,30 @@ class BatchLoader:
     return np.random.default_rng([self.seed, epoch, _ORDER_TAG]).permutation(len(self.data))
 
   def sample(self, epoch: int, index: int) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`load_sample` of dataset image ``index`` as drawn in ``epoch``."""
-    rng = np.random.default_rng([self.seed, epoch, _SAMPLE_TAG, index])
-    return load_sample(self.data, index, image_size=self.image_size, config=self.config, rng=rng)
+    """:func:`load_sample` of dataset image ``index`` as drawn in ``epoch``.
+
+    Raises:
+      DatasetError: the image cannot be read.
+      RuntimeError: naming the image, when building the sample failed otherwise.
+    """
+    return self._sampler(epoch, index)
 
   def batch(self, epoch: int, step: int) -> Batch:
-    """Batch ``step`` of ``epoch``, built from scratch."""
+    """This loader's shard of batch ``step`` of ``epoch``, built from scratch."""
     if epoch < 0 or not 0 <= step < self.steps_per_epoch:
       raise IndexError(f'no batch (epoch {epoch}, step {step}): {self.steps_per_epoch} per epoch')
-    chosen = self.order(epoch)[step * self.batch_size : (step + 1) * self.batch_size].tolist()
-
-    def load(index: int) -> tuple[np.ndarray, np.ndarray]:
-      try:
-        return self.sample(epoch, index)
-      except dataset.DatasetError:
-        raise
-      except Exception as error:
-        path = self.data.image_paths[index]
-        raise RuntimeError(f'loading {path} (index {index}, epoch {epoch}) failed') from error
-
-    samples = list(self._pool.map(load, chosen) if self._pool else map(load, chosen))
+    first = step * self.batch_size + self.shard_index * self.shard_size
+    order = self.order(epoch)
+    chosen = order[first : min(first + self.shard_size, (step + 1) * self.batch_size)].tolist()
+    epochs = [epoch] * len(chosen)
+    if self._workers:
+      samples = list(self._pool.map(_sample_in_worker, epochs, chosen))
+    elif self._pool is not None:
+      samples = list(self._pool.map(self._sampler, epochs, chosen))
+    else:
+      samples = list(map(self._sampler, epochs, chosen))
     size = self.image_size
-    images = np.full((self.batch_size, size, size, 3), augment.PAD_VALUE, np.uint8)
+    images = np.full((self.shard_size, size, size, 3), augment.PAD_VALUE, np.uint8)
     rows = []
     for slot, (image, labels) in enumerate(samples):
       images[slot] = image
@@ -294,12 +390,12 @@ class BatchLoader:
     labels = np.concatenate(rows, axis=0) if rows else np.zeros((0, 6), np.float32)
     try:
       packed = targets.Targets.from_yolo(
-        labels, self.batch_size, self.max_boxes, num_classes=self.data.num_classes
+        labels, self.shard_size, self.max_boxes, num_classes=self.data.num_classes
       )
     except ValueError as error:
       names = ', '.join(str(self.data.image_paths[i]) for i in chosen)
       raise ValueError(f'batch (epoch {epoch}, step {step}) of {names}: {error}') from error
-    indices = np.full(self.batch_size, -1, np.int64)
+    indices = np.full(self.shard_size, -1, np.int64)
     indices[: len(chosen)] = chosen
     return Batch(
       images=images, targets=packed, labels=labels, indices=indices, epoch=epoch, step=step
@@ -318,87 +414,12 @@ class BatchLoader:
       epoch, start_step = epoch + 1, 0
 
   def close(self) -> None:
-    """Stops the loading threads."""
+    """Stops the loading threads or worker processes."""
     if self._pool is not None:
-      self._pool.shutdown(wait=True)
+      self._pool.shutdown(wait=True, cancel_futures=True)
 
   def __enter__(self) -> BatchLoader:
     return self
 
   def __exit__(self, *exc_info) -> None:
     self.close()
-
-
-class Prefetcher:
-  """Runs an iterator in a background thread, ``buffer_size`` items ahead.
-
-  Yields exactly what the wrapped iterator yields, in order; an exception
-  raised there is re-raised here, at the item where it happened. Use as a
-  context manager (or call :meth:`close`) to stop the thread early; an
-  abandoned prefetcher stops its thread when it is garbage collected.
-  """
-
-  def __init__(self, items: Iterable, *, buffer_size: int = 2):
-    if buffer_size < 1:
-      raise ValueError(f'buffer_size must be >= 1, got {buffer_size}')
-    self._queue: queue.Queue = queue.Queue(maxsize=buffer_size)
-    self._stop = threading.Event()
-    self._finished = False
-    # The thread must not reference self, or an abandoned prefetcher would never be collected.
-    self._thread = threading.Thread(
-      target=_produce, args=(iter(items), self._queue, self._stop), daemon=True
-    )
-    self._thread.start()
-    weakref.finalize(self, self._stop.set)
-
-  def __iter__(self) -> Prefetcher:
-    return self
-
-  def __next__(self):
-    if self._finished:
-      raise StopIteration
-    item, error = self._queue.get()
-    if item is _END:
-      self._finished = True
-      self._thread.join()
-      if error is not None:
-        raise error
-      raise StopIteration
-    return item
-
-  def close(self) -> None:
-    """Stops the background thread; further iteration ends."""
-    self._stop.set()
-    self._finished = True
-    self._thread.join()
-
-  def __enter__(self) -> Prefetcher:
-    return self
-
-  def __exit__(self, *exc_info) -> None:
-    self.close()
-
-
-_END = object()
-
-
-def _produce(items: Iterator, out: queue.Queue, stop: threading.Event) -> None:
-  """Body of a :class:`Prefetcher` thread: items, then ``_END`` with the error if one."""
-
-  def put(entry: tuple) -> bool:
-    while not stop.is_set():
-      try:
-        out.put(entry, timeout=0.1)
-        return True
-      except queue.Full:
-        continue
-    return False
-
-  try:
-    for item in items:
-      if not put((item, None)):
-        return
-  except BaseException as error:  # Handed to the consumer, who re-raises it.
-    put((_END, error))
-    return
-  put((_END, None))

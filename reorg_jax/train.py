@@ -274,21 +274,49 @@ def place(tree: Any, sharding: Any) -> Any:
   return jax.tree.map(put, tree, sharding)
 
 
+def process_shard(batch_sharding: NamedSharding) -> tuple[int, int]:
+  """``(index, count)``: which block of every global batch's rows this process holds.
+
+  With ``count`` processes, process ``index`` feeds rows
+  ``[index * B / count, (index + 1) * B / count)`` (give these to
+  :class:`reorg_jax.loader.BatchLoader` as ``shard_index, shard_count``).
+
+  Raises:
+    ValueError: the mesh does not give each process one contiguous block of
+      devices in process order (the row blocks would not match the devices).
+  """
+  devices = list(batch_sharding.mesh.devices.flat)
+  count = jax.process_count()
+  per = len(devices) // count
+  owners = [d.process_index for d in devices]
+  if owners != [i // per for i in range(len(devices))]:
+    raise ValueError(f'the batch mesh orders its devices by process as {owners}, not in blocks')
+  return jax.process_index(), count
+
+
 def shard_batch(batch: Mapping[str, Any], batch_sharding: NamedSharding) -> dict[str, Any]:
   """Places ``images`` and ``targets`` split along the batch axis, ``hparams`` replicated.
 
-  Each process passes the whole global batch (see :func:`place`).
+  Each process passes its own rows of the global batch (:func:`process_shard`;
+  with one process, the whole batch), and the global arrays hold the
+  processes' rows stacked in process order.
 
   Raises:
-    ValueError: the batch size is not a multiple of the number of devices.
+    ValueError: the global batch size is not a multiple of the number of devices.
   """
   devices = batch_sharding.mesh.size
-  size = batch['images'].shape[0]
+  size = batch['images'].shape[0] * jax.process_count()
   if size % devices:
     raise ValueError(f'batch size {size} is not a multiple of the {devices} devices')
+
+  def put(local: Any) -> jax.Array:
+    local = np.asarray(local)
+    shape = (local.shape[0] * jax.process_count(), *local.shape[1:])
+    return jax.make_array_from_process_local_data(batch_sharding, local, shape)
+
   replicated = NamedSharding(batch_sharding.mesh, PartitionSpec())
   return {
-    'images': place(batch['images'], batch_sharding),
-    'targets': place(batch['targets'], batch_sharding),
+    'images': put(batch['images']),
+    'targets': jax.tree.map(put, batch['targets']),
     'hparams': place(batch['hparams'], replicated),
   }

@@ -54,6 +54,8 @@ def _load(overrides=None, path=None):
     ('eval.max_detections', 2000, 'must not exceed eval.max_candidates = 1024, got 2000'),
     ('synthetic.num_train', 4, 'must be at least train.batch_size = 8'),
     ('train.max_steps', 0, 'train.max_steps must be null or >= 1, got 0'),
+    ('train.loader_workers', -1, 'train.loader_workers must be a non-negative integer, got -1'),
+    ('train.loader_workers', 2, 'set with train.loader_threads = 2: use one of them'),
     ('data.yaml', 5, 'data.yaml must be null or a str, got 5'),
     ('log.plots', 'yes', "log.plots must be true or false, got 'yes'"),
     ('model.name', 'nope.yaml', "model.name must be 'p6_nano' or a model YAML file"),

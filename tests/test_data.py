@@ -10,7 +10,7 @@ import cv2
 import numpy as np
 import pytest
 
-from reorg_jax import augment, dataset, loader, synthetic
+from reorg_jax import augment, dataset, loader, prefetch, synthetic
 
 SIZE = 64
 
@@ -219,7 +219,7 @@ def test_resume_continues_exactly(train):
 def test_threads_and_prefetch_give_the_same_batches(train):
   plain = list(_loader(train).epoch(1))
   threaded = _loader(train, num_threads=2)
-  with loader.Prefetcher(threaded.epoch(1), buffer_size=1) as ahead:
+  with prefetch.Prefetcher(threaded.epoch(1), buffer_size=1) as ahead:
     fetched = list(ahead)
   threaded.close()
   assert len(fetched) == len(plain) == 2
@@ -227,20 +227,83 @@ def test_threads_and_prefetch_give_the_same_batches(train):
     _assert_same(a, b)
 
 
+def test_worker_processes_give_the_same_batches(train):
+  """Samples built in spawned worker processes equal those built here, in any worker count."""
+  plain = [_loader(train).batch(epoch, step) for epoch, step in ((0, 0), (3, 1))]
+  for workers in (1, 3):
+    with _loader(train, num_workers=workers) as pooled:
+      for want in plain:
+        _assert_same(pooled.batch(want.epoch, want.step), want)
+
+
+def test_worker_failures_name_the_image(tmp_path):
+  data_yaml = synthetic.write_dataset(tmp_path, num_train=4, num_val=1, image_size=SIZE, seed=2)
+  data = dataset.load_dataset(data_yaml, split='train')
+  broken = dataset.YoloDataset(
+    image_paths=data.image_paths,
+    labels=(data.labels[0][:, :4],) + data.labels[1:],
+    names=data.names,
+  )  # rows of 4 columns: building the sample fails inside the worker
+  with _loader(broken, num_workers=1, shuffle=False) as feed:
+    with pytest.raises(RuntimeError, match=r'loading .*000000\.png \(index 0, epoch 0\) failed'):
+      feed.batch(0, 0)
+
+
+@pytest.mark.parametrize('drop_last', [True, False])
+def test_shards_stack_to_the_global_batch(train, drop_last):
+  """Each shard builds only its rows; stacked in shard order they are the whole batch."""
+  config = augment.AugmentConfig() if drop_last else None
+  whole = _loader(train, config=config, drop_last=drop_last)
+  shards = [
+    _loader(train, config=config, drop_last=drop_last, shard_index=i, shard_count=2)
+    for i in range(2)
+  ]
+  assert shards[0].steps_per_epoch == whole.steps_per_epoch and shards[0].shard_size == 2
+  for step in range(whole.steps_per_epoch):
+    want = whole.batch(1, step)
+    parts = [shard.batch(1, step) for shard in shards]
+    np.testing.assert_array_equal(np.concatenate([b.images for b in parts]), want.images)
+    np.testing.assert_array_equal(np.concatenate([b.indices for b in parts]), want.indices)
+    for field in ('boxes', 'classes', 'valid'):
+      np.testing.assert_array_equal(
+        np.concatenate([np.asarray(getattr(b.targets, field)) for b in parts]),
+        np.asarray(getattr(want.targets, field)),
+        err_msg=field,
+      )
+    relabelled = np.concatenate(
+      [b.labels + np.array([2 * i, 0, 0, 0, 0, 0], np.float32) for i, b in enumerate(parts)]
+    )
+    np.testing.assert_array_equal(relabelled, want.labels)
+
+
+@pytest.mark.parametrize(
+  ('overrides', 'message'),
+  [
+    ({'shard_index': 2, 'shard_count': 2}, r'shard_index 2 is not in \[0, 2\)'),
+    ({'shard_count': 3}, 'batch_size 4 does not split into 3 shards'),
+    ({'num_workers': 2, 'num_threads': 2}, 'use one of them'),
+    ({'num_workers': -1}, 'num_workers must be >= 0'),
+  ],
+)
+def test_bad_shards_and_workers_are_named(train, overrides, message):
+  with pytest.raises(ValueError, match=message):
+    _loader(train, **overrides)
+
+
 def test_prefetcher_reraises_and_stops_early():
   def items():
     yield 1
     raise KeyError('boom')
 
-  ahead = loader.Prefetcher(items())
+  ahead = prefetch.Prefetcher(items())
   assert next(ahead) == 1
   with pytest.raises(KeyError, match='boom'):
     next(ahead)
-  endless = loader.Prefetcher(iter(int, 1), buffer_size=2)  # Never ends by itself.
+  endless = prefetch.Prefetcher(iter(int, 1), buffer_size=2)  # Never ends by itself.
   assert next(endless) == 0
   endless.close()
   assert list(endless) == []
-  abandoned = loader.Prefetcher(iter(int, 1), buffer_size=1)
+  abandoned = prefetch.Prefetcher(iter(int, 1), buffer_size=1)
   thread = abandoned._thread
   del abandoned
   gc.collect()

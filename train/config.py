@@ -319,6 +319,13 @@ def check(config: dict[str, Any], *, origins: dict[str, str] | None = None) -> N
     'synthetic.image_size',
   ):
     checker.require(key, lambda v: v >= 1, 'must be a positive integer')
+  checker.require('train.loader_workers', lambda v: v >= 0, 'must be a non-negative integer')
+  if config['train']['loader_workers'] and config['train']['loader_threads'] > 1:
+    raise checker.fail(
+      'train.loader_workers',
+      f'set with train.loader_threads = {config["train"]["loader_threads"]}: use one of them '
+      '(set loader_threads to 1)',
+    )
   checker.require('train.max_steps', lambda v: v is None or v >= 1, 'must be null or >= 1')
   for key in ('seed', 'synthetic.seed'):
     checker.require(key, lambda v: 0 <= v < 2**32, 'must be an integer in [0, 2**32)')

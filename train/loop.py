@@ -54,7 +54,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 
 import reorg_jax
-from reorg_jax import checkpoint, dataset, evaluate, loader, optim, synthetic, yolo
+from reorg_jax import checkpoint, dataset, evaluate, loader, optim, prefetch, synthetic, yolo
 from reorg_jax import train as train_lib
 from reorg_jax.inference import Detections, predict
 from train import config as config_lib
@@ -236,6 +236,9 @@ def setup(
     shuffle=True,
     drop_last=True,
     num_threads=tcfg['loader_threads'],
+    num_workers=tcfg['loader_workers'],
+    shard_index=jax.process_index(),  # each process loads only its rows of every batch
+    shard_count=jax.process_count(),
   )
   val_feed = loader.BatchLoader(
     val_data,
@@ -275,6 +278,7 @@ def setup(
     compute_dtype=dtype,
   )
   _, state_sharding, batch_sharding = train_lib.data_parallel(state)
+  train_lib.process_shard(batch_sharding)  # the feed's row blocks match the devices
   total = schedule.total_steps
   if tcfg['max_steps'] is not None:
     total = min(total, tcfg['max_steps'])
@@ -315,7 +319,7 @@ def evaluate_split(
   """
   scorer = evaluate.DetectionEvaluator(num_classes=num_classes, max_detections=max_detections)
   size = feed.image_size
-  with loader.Prefetcher(feed.epoch(0), buffer_size=2) as batches:
+  with prefetch.Prefetcher(feed.epoch(0), buffer_size=2) as batches:
     for batch in batches:
       detections = detect(batch.images)
       scorer.add_batch(
@@ -537,7 +541,7 @@ def _train(pieces: Run, *, workdir: Path, resume: bool) -> Result:
       progress.start_epoch(epoch=epoch, epochs=pieces.schedule.epochs, steps=last, done=first)
       epoch_started = time.perf_counter()
       batches = itertools.islice(pieces.feed.epoch(epoch, start_step=first), last - first)
-      with loader.Prefetcher(batches, buffer_size=tcfg['prefetch']) as prefetched:
+      with prefetch.Prefetcher(batches, buffer_size=tcfg['prefetch']) as prefetched:
         tick, ticked = time.perf_counter(), g
         for batch in prefetched:
           hparams = optim.hyperparams(g, schedule=pieces.schedule)
