@@ -327,13 +327,14 @@ class Checkpoints:
     with Checkpoints(run_dir / 'checkpoints', save_every=1000) as ckpt:
       start = 0
       restored = ckpt.restore_latest(like=state)  # state: freshly initialised
-      if restored is not None:
-        state, start = restored.state, restored.step + 1
+      if restored is not None:  # saved after `restored.step` steps: the next is that one
+        state, start = restored.state, restored.step
       for step in range(start, total):
         state = train_step(state, ...)
-        ckpt.save(step, state, metadata={'epoch': epoch, 'loader_step': i})
-        if step % eval_every == 0:
-          ckpt.save_best(step, state, metric=evaluator.compute()['map50_95'])
+        done = step + 1  # checkpoints are labelled by the steps they hold, as python -m train does
+        ckpt.save(done, state, metadata={'epoch': epoch, 'loader_step': i})
+        if done % eval_every == 0:
+          ckpt.save_best(done, state, metric=evaluator.compute()['map50_95'])
 
   Args:
     directory: root of the run's checkpoints (created if missing), on a local

@@ -17,14 +17,20 @@ Tolerances:
   tiny set without mosaics that moved every part by 2e-5 to 5e-5. A wrong
   gain, level or auxiliary term moves the loss by far more than 1e-4.
 * weight updates after two steps (new minus initial weights): over all
-  tensors together, 1e-3 relative in norm (measured about 6e-5); per tensor
-  that moved by more than 1e-3 in norm, 2e-2 (measured at most 4.6e-3).
-  The per-tensor figure is set by float32 rounding, not by a difference
-  in method: on the same batch, upstream's own float32 gradients differ from
-  its float64 ones by up to 1.2e-3 per tensor (median 6e-4), and the warm-up
-  applies them twice with the bias group's learning rate near 0.1. Tensors
-  that barely moved are compared by value only: their updates are a few
-  float32 ulps of weights near 1.
+  tensors together, 5e-3 relative in norm; per tensor that moved by more
+  than 1e-3 in norm, 0.15. These figures are set by float rounding, which
+  differs from machine to machine, not by a difference in method. On one
+  machine the two steps measured 6e-5 overall and at most 4.6e-3 per tensor
+  (on the same batch, upstream's own float32 gradients differ from its
+  float64 ones by up to 1.2e-3 per tensor, and the warm-up applies them twice
+  with the bias group's learning rate near 0.1). On another (AMD EPYC with
+  AVX-512) the second step's loss already differed by 4.8e-5, a near-tie of
+  SimOTA's costs falling the other way, and the updates by 4.3e-4 overall
+  and up to 3.5e-2 per tensor, spread evenly over the tensors. A missing or
+  wrong momentum term changes the second update by tens of percent; the
+  learning rates are compared exactly above. Tensors that barely moved are
+  compared by value only: their updates are a few float32 ulps of weights
+  near 1.
 * weights after two steps: 5e-4 absolute (measured at most 6e-5).
 """
 
@@ -106,7 +112,26 @@ def test_weights_after_two_steps_agree(two_steps):
     squared_error += error**2
     squared_update += norm**2
     if norm > 1e-3:
-      assert error / norm < 2e-2, (key, error / norm)
+      assert error / norm < 0.15, (key, error / norm)
       moved += 1
   assert moved > 100, moved  # biases, and some weights, moved in both steps
-  assert np.sqrt(squared_error / squared_update) < 1e-3
+  assert np.sqrt(squared_error / squared_update) < 5e-3
+
+
+def test_the_baseline_start_is_one_rounding_away():
+  harness = _harness()
+  rng = np.random.default_rng(0)
+  state = {
+    'model.0.conv.weight': rng.normal(size=(4, 3, 3, 3)).astype(np.float32),
+    'model.0.bn.num_batches_tracked': np.array(7, np.int64),
+    'model.9.anchors': np.ones((4, 3, 2), np.float32),
+  }
+  moved = harness.one_rounding_away(state, seed=3)
+  weight, before = moved['model.0.conv.weight'], state['model.0.conv.weight']
+  up, down = np.nextafter(before, np.float32(np.inf)), np.nextafter(before, np.float32(-np.inf))
+  assert ((weight == up) | (weight == down)).all()
+  assert 0.3 < (weight == up).mean() < 0.7  # random directions
+  assert moved['model.0.bn.num_batches_tracked'] is state['model.0.bn.num_batches_tracked']
+  assert moved['model.9.anchors'] is state['model.9.anchors']
+  again = harness.one_rounding_away(state, seed=3)['model.0.conv.weight']
+  np.testing.assert_array_equal(again, weight)
