@@ -326,7 +326,9 @@ def compare(
   )
   weight_rows = weight_differences(out, sides=sides)
   write_csv(into / 'weights.csv', ('which', 'tensor', 'max_abs', 'rel'), weight_rows)
-  plot(into, rows, epoch_rows, sides=sides)
+  also = out / 'perturbed'
+  shown = sides == ('ours', 'upstream') and (also / 'timing.json').is_file()
+  plot(into, rows, epoch_rows, sides=sides, also=also if shown else None)
   last = epoch_rows[-1] if epoch_rows else {}
   return {
     'steps': len(shared),
@@ -369,7 +371,9 @@ def plot(
   epoch_rows: list[dict[str, Any]],
   *,
   sides: tuple[str, str] = ('ours', 'upstream'),
+  also: pathlib.Path | None = None,
 ) -> None:
+  """Losses per step and mAP@0.5 per epoch of both sides; ``also``: the baseline's mAP too."""
   import matplotlib
 
   matplotlib.use('Agg')
@@ -387,6 +391,16 @@ def plot(
     epochs = [r['epoch'] + 1 for r in epoch_rows]
     for side, style in ((sides[1], 'o-'), (sides[0], 's--')):
       right.plot(epochs, [r[f'map50_{side}'] for r in epoch_rows], style, ms=3, label=side)
+    if also is not None:
+      baseline = read_csv(also / 'results.csv')
+      right.plot(
+        [r['epoch'] + 1 for r in baseline],
+        [r['map50'] for r in baseline],
+        '^:',
+        ms=3,
+        color='0.45',
+        label='upstream, start one float32 ulp away',
+      )
     right.set_xlabel('epoch')
     right.set_ylabel('mAP@0.5 (EMA, validation)')
     right.legend()
