@@ -2,7 +2,7 @@
 
 Both frameworks build training samples of the same synthetic dataset (box
 labels, and the same images with polygon labels) at one image size, each in
-its own process: ours with :func:`reorg_jax.loader.load_sample`, upstream's
+its own process: ours with :func:`reorg_jax.data.loader.load_sample`, upstream's
 with ``LoadImagesAndLabels.__getitem__``. Variants, each changing one thing
 from the one before it:
 
@@ -53,7 +53,7 @@ def _hyp() -> dict:
 
 
 def _ours(root: pathlib.Path, args) -> dict[str, float]:
-  from reorg_jax import augment, dataset, loader
+  from reorg_jax.data import augment, dataset, loader
 
   sets = {
     name: dataset.load_dataset(root / name / 'data.yaml', split='train')
@@ -123,7 +123,7 @@ def main() -> None:
     print(json.dumps(run(pathlib.Path(args.root), args)))
     return
 
-  from reorg_jax import synthetic
+  from reorg_jax.data import synthetic
 
   print(f'{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs')
   print(

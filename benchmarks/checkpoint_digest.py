@@ -1,12 +1,12 @@
 """Cost of the checkpoint digests on a YOLOv7-W6 training state.
 
-Builds the full :class:`reorg_jax.train.TrainState` of W6 (weights, BatchNorm
+Builds the full :class:`reorg_jax.training.step.TrainState` of W6 (weights, BatchNorm
 statistics, optimiser state, EMA) from upstream's ``cfg/training/yolov7-w6.yaml``
 with random weights (no initialisation is compiled: the variables' shapes come
 from ``jax.eval_shape``; SHA-256 costs the same on any bytes), then measures,
 in one process:
 
-* ``digests``: :func:`reorg_jax.checkpoint.digests` of the state alone;
+* ``digests``: :func:`reorg_jax.training.integrity.digests` of the state alone;
 * ``save``: the time :meth:`Checkpoints.save` takes to return (the caller's
   pause; the write itself continues in the background) and the time until
   the write is on disk, with the digests and with them switched off (the
@@ -33,8 +33,9 @@ import jax.numpy as jnp
 import numpy as np
 
 import reorg_jax
-from reorg_jax import checkpoint, optim, yolo
-from reorg_jax import train as train_lib
+from reorg_jax.models import yolo
+from reorg_jax.training import checkpoint, integrity, optim
+from reorg_jax.training import step as train_lib
 
 
 def _w6_path() -> pathlib.Path:
@@ -58,7 +59,7 @@ def w6_state(*, image_size: int = 256) -> train_lib.TrainState:
     num_classes=80,
     anchors=model.anchors,
     strides=model.strides,
-    balance=reorg_jax.config.upstream_balance(len(model.strides)),
+    balance=reorg_jax.loss.upstream_balance(len(model.strides)),
   )
   _, state = train_lib.create_train_state(
     model,
@@ -98,7 +99,7 @@ def main() -> None:
   args = parser.parse_args()
 
   state = w6_state()
-  leaves = jax.tree.leaves(checkpoint.unwrap_keys(state))
+  leaves = jax.tree.leaves(integrity.unwrap_keys(state))
   size = sum(leaf.size * leaf.dtype.itemsize for leaf in leaves)
   print(
     f'W6 train state: {len(leaves)} arrays, {size / 2**20:.0f} MiB; '
@@ -107,19 +108,19 @@ def main() -> None:
   times = []
   for _ in range(args.repeats):
     start = time.perf_counter()
-    checkpoint.digests(state)
+    integrity.digests(state)
     times.append(time.perf_counter() - start)
   print(_line('digests alone', times) + f' ({size / 2**20 / min(times):.0f} MiB/s)')
 
   with tempfile.TemporaryDirectory(dir=args.dir) as root:
     root = pathlib.Path(root)
     with_returned, with_done = _saves(state, root / 'with', repeats=args.repeats)
-    real = checkpoint.digests
-    checkpoint.digests = lambda tree: {}  # the reference: no digests
+    real = integrity.digests
+    integrity.digests = lambda tree: {}  # the reference: no digests
     try:
       without_returned, without_done = _saves(state, root / 'without', repeats=args.repeats)
     finally:
-      checkpoint.digests = real
+      integrity.digests = real
   print(_line('save returns, with digests   ', with_returned))
   print(_line('save returns, without digests', without_returned))
   print(_line('write done, with digests     ', with_done))

@@ -1,6 +1,6 @@
 """One training step of YOLOv7-W6 on an accelerator: speed, compile time, memory, FLOPs.
 
-For each batch size and compute dtype, :func:`reorg_jax.train.train_step`
+For each batch size and compute dtype, :func:`reorg_jax.training.step.train_step`
 (forward, lead-guided assignment and loss, backward, optimiser, EMA; the state
 donated, as ``python -m train`` runs it) is compiled ahead of time on one
 device and timed on a random batch (uint8 images, ``boxes`` random boxes per
@@ -127,8 +127,9 @@ def _ours_setup(case: Case, *, smoke: bool):
   import jax.numpy as jnp
 
   import reorg_jax
-  from reorg_jax import optim, yolo
-  from reorg_jax import train as train_lib
+  from reorg_jax.models import yolo
+  from reorg_jax.training import optim
+  from reorg_jax.training import step as train_lib
 
   if case.model == 'w6':
     model = yolo.build_model(_w6_path(), num_classes=case.num_classes)
@@ -141,7 +142,7 @@ def _ours_setup(case: Case, *, smoke: bool):
       num_classes=case.num_classes,
       anchors=model.anchors,
       strides=model.strides,
-      balance=reorg_jax.config.upstream_balance(len(model.strides)),
+      balance=reorg_jax.loss.upstream_balance(len(model.strides)),
       **speed,
     ),
     image_size=case.image_size,
@@ -162,7 +163,8 @@ def _ours_batch(case: Case, schedule: Any, *, boxes: int) -> dict[str, Any]:
   import jax
   import jax.numpy as jnp
 
-  from reorg_jax import optim, targets
+  from reorg_jax import targets
+  from reorg_jax.training import optim
 
   images, labels = random_batch(case, boxes=boxes, seed=0)
   packed = targets.Targets.from_yolo(labels, case.batch_size, boxes, num_classes=case.num_classes)
@@ -197,7 +199,7 @@ def measure_ours(case: Case, *, boxes: int, repeats: int, run: bool, smoke: bool
 
   import jax
 
-  from reorg_jax import train as train_lib
+  from reorg_jax.training import step as train_lib
 
   setup, state, schedule = _ours_setup(case, smoke=smoke)
   batch = _ours_batch(case, schedule, boxes=boxes)
@@ -246,7 +248,7 @@ def measure_upstream(case: Case, *, boxes: int, repeats: int) -> dict:
   import yaml
   from sas_yolov7.models.yolo import Model
 
-  from reorg_jax import yolo
+  from reorg_jax.models import yolo
 
   cuda = torch.cuda.is_available()
   device = torch.device('cuda:0' if cuda else 'cpu')

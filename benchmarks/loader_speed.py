@@ -6,7 +6,7 @@ source images at the training size) with upstream's P6 recipe
 loader fixes, mixup on 15%, HSV, flips, translation and zoom), ``paste_in``
 off:
 
-* **ours**: :class:`reorg_jax.loader.BatchLoader` with ``num_workers`` worker
+* **ours**: :class:`reorg_jax.data.loader.BatchLoader` with ``num_workers`` worker
   processes (1, 2 and the machine's core count), each with one OpenCV
   thread, building batches of ``--batch`` images; timed from the second batch
   on, so the workers' start is not counted;
@@ -53,7 +53,7 @@ def _hyp() -> dict:
 
 def _ours(root: pathlib.Path, size: int, workers: int, args: argparse.Namespace) -> float:
   """Samples/s of a ``BatchLoader`` with ``workers`` worker processes (best of the repeats)."""
-  from reorg_jax import augment, dataset, loader
+  from reorg_jax.data import augment, dataset, loader
 
   data = dataset.load_dataset(root / 'data.yaml', split='train')
   # AugmentConfig's defaults are hyp.scratch.p6; upstream's loader makes 20% of its
@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps({'samples_per_s': rate}))
     return 0
 
-  from reorg_jax import synthetic
+  from reorg_jax.data import synthetic
 
   counts = sorted({1, 2, max(1, args.max_workers)})
   print(f'{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs')

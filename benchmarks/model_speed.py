@@ -21,8 +21,9 @@ import numpy as np
 import optax
 
 import reorg_jax
-from reorg_jax import inference, testing, yolo
-from reorg_jax.config import LossConfig, upstream_balance
+from reorg_jax import testing
+from reorg_jax.loss import LossConfig, upstream_balance
+from reorg_jax.models import inference, yolo
 
 
 def _timed(fn, *args, repeats: int) -> tuple[float, float]:

@@ -3,11 +3,11 @@
 For each model, three jitted functions run on one synthetic batch of the
 synthetic dataset (real images and boxes, letterboxed):
 
-* ``full``: :func:`reorg_jax.train.train_step` (forward, lead-guided
+* ``full``: :func:`reorg_jax.training.step.train_step` (forward, lead-guided
   assignment and loss, backward, optimiser, EMA), as ``python -m train`` runs it;
-* ``no loss``: the same step with the assignment and loss replaced by a
-  trivial function of the head outputs (mean of squares), so forward,
-  backward, optimiser and EMA remain;
+* ``no loss``: the same step (its ``loss_fn`` argument) with the assignment
+  and loss replaced by a trivial function of the head outputs (mean of
+  squares), so forward, backward, optimiser and EMA remain;
 * ``loss``: assignment and loss alone, forward and backward
   (``value_and_grad`` of :func:`reorg_jax.aux_ota_loss` with respect to the
   head outputs of this batch), jitted on its own.
@@ -50,13 +50,18 @@ import platform
 import statistics
 import tempfile
 import time
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 
 import reorg_jax
-from reorg_jax import dataset, loader, optim, synthetic, yolo
-from reorg_jax import train as train_lib
+from reorg_jax.data import dataset, loader, synthetic
+from reorg_jax.loss import LossConfig
+from reorg_jax.models import yolo
+from reorg_jax.targets import Targets
+from reorg_jax.training import optim
+from reorg_jax.training import step as train_lib
 
 
 def _w6_path() -> pathlib.Path | None:
@@ -68,25 +73,12 @@ def _w6_path() -> pathlib.Path | None:
   return path if path.is_file() else None
 
 
-def trivial_loss_step(setup: train_lib.TrainSetup, state: train_lib.TrainState, batch: dict):
-  """:func:`reorg_jax.train.train_step` with the loss replaced by ``mean(outputs ** 2)``."""
-  images = batch['images'].astype(jnp.float32) / 255.0
-
-  def loss_fn(params):
-    outputs, updates = setup.model.apply(
-      {'params': params, 'batch_stats': state.batch_stats},
-      images,
-      train=True,
-      mutable=['batch_stats'],
-    )
-    loss = sum(jnp.mean(jnp.square(o.astype(jnp.float32))) for o in outputs)
-    return loss, updates['batch_stats']
-
-  (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  new, _ = train_lib.apply_update(
-    setup, state, grads=grads, batch_stats=batch_stats, hparams=batch['hparams']
-  )
-  return new, {'loss': loss}
+def trivial_loss(
+  outputs: Sequence[jax.Array], targets: Targets, image_hw: tuple[int, int], config: LossConfig
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """``sum of mean(outputs ** 2)``, a :data:`reorg_jax.training.step.LossFn` without assignment."""
+  del targets, image_hw, config
+  return sum(jnp.mean(jnp.square(o)) for o in outputs), {}
 
 
 def _time_steps(step, state, batch, *, repeats: int) -> tuple[float, float, train_lib.TrainState]:
@@ -125,12 +117,12 @@ def benchmark(
       num_classes=data.num_classes,
       anchors=model.anchors,
       strides=model.strides,
-      balance=reorg_jax.config.upstream_balance(len(model.strides)),
+      balance=reorg_jax.loss.upstream_balance(len(model.strides)),
     ),
     image_size=image_size,
   )
   results = {}
-  for name, fn in (('full', train_lib.train_step), ('no_loss', trivial_loss_step)):
+  for name, loss_fn in (('full', reorg_jax.aux_ota_loss), ('no_loss', trivial_loss)):
     setup, state = train_lib.create_train_state(
       model,
       rng=jax.random.key(0),
@@ -143,7 +135,9 @@ def benchmark(
       'targets': jax.tree.map(jnp.asarray, sample.targets),
       'hparams': optim.hyperparams(100, schedule=schedule),
     }
-    step = jax.jit(functools.partial(fn, setup), donate_argnums=(0,))
+    step = jax.jit(
+      functools.partial(train_lib.train_step, setup, loss_fn=loss_fn), donate_argnums=(0,)
+    )
     first, median, state = _time_steps(step, state, batch, repeats=repeats)
     results[f'{name}_compile_s'] = first
     results[f'{name}_s'] = median

@@ -6,9 +6,9 @@ optimiser recipe and the EMA:
 
 * **Weights.** Our model is initialised exactly as ``python -m train`` does
   (``create_train_state`` with ``jax.random.key(seed)``), exported with
-  :func:`reorg_jax.convert.export_state_dict` and loaded (strictly) into
+  :func:`reorg_jax.models.convert.export_state_dict` and loaded (strictly) into
   upstream's ``Model`` built from the same model YAML.
-* **Batches.** Both sides read :class:`reorg_jax.loader.BatchLoader` with the
+* **Batches.** Both sides read :class:`reorg_jax.data.loader.BatchLoader` with the
   run's seed and augmentation: every batch is a pure function of
   ``(seed, epoch, step)``, so the two processes build identical batches.
 * **Ours** is ``python -m train`` itself (:func:`train.loop.run`) with the
@@ -22,7 +22,7 @@ optimiser recipe and the EMA:
   the run's ``recipe`` and ``loss`` values on top, so a default of ours that
   drifted from upstream's file shows as a difference.
 * **Evaluation.** After every epoch each side's EMA weights are scored on the
-  validation split by the same selection (:func:`reorg_jax.inference.select_detections`,
+  validation split by the same selection (:func:`reorg_jax.models.inference.select_detections`,
   from upstream's decoded outputs on its side) and the same
   :class:`reorg_jax.evaluate.DetectionEvaluator` with the run's ``eval``
   thresholds, so the metrics differ only by training.
@@ -127,7 +127,7 @@ def resolve_config(
       rerun) was trained with other options (each differing key is named).
   """
   from train import config as config_lib
-  from train import loop
+  from train.pieces import dataset_yaml
 
   overrides = {
     'seed': args.seed,
@@ -148,7 +148,7 @@ def resolve_config(
       'set it to false to compare with upstream'
     )
   out.mkdir(parents=True, exist_ok=True)
-  config['data']['yaml'] = str(loop.dataset_yaml(config, workdir=out).resolve())
+  config['data']['yaml'] = str(dataset_yaml(config, workdir=out).resolve())
   saved = out / 'config.yaml'
   if reused and saved.is_file():
     before = config_lib.flatten(config_lib.read_yaml(saved))
@@ -174,7 +174,7 @@ def initial_state_dict(pieces: Any) -> dict[str, np.ndarray]:
   Args:
     pieces: the run's :func:`train.loop.setup`.
   """
-  from reorg_jax import convert
+  from reorg_jax.models import convert
 
   exported = convert.export_state_dict(pieces.model, pieces.state.variables(use_ema=False))
   return {k: np.asarray(v) for k, v in exported.items()}
@@ -215,7 +215,7 @@ def read_csv(path: pathlib.Path) -> list[dict[str, float]]:
 def run_ours(config: dict[str, Any], side: pathlib.Path) -> None:
   import shutil
 
-  from reorg_jax import convert
+  from reorg_jax.models import convert
   from train import loop
 
   shutil.rmtree(side, ignore_errors=True)

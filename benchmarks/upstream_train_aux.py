@@ -132,17 +132,17 @@ def parameter_groups(model: Any) -> tuple[list, list, list]:
 def evaluate(model: Any, val_feed: Any, *, config: dict[str, Any], num_classes: int):
   """COCO metrics of ``model`` (evaluation mode) through our selection and evaluator.
 
-  Upstream's decoded outputs ``[B, N, 5 + C]`` go through
-  :func:`reorg_jax.inference.select_detections` and
-  :func:`train.loop.evaluate_split` with the run's ``eval`` thresholds, as
+  Upstream's decoded outputs ``[B, R, F]`` (``R`` rows per image, ``F = 5 + C``)
+  go through :func:`reorg_jax.models.inference.select_detections` and
+  :func:`train.evaluation.evaluate_split` with the run's ``eval`` thresholds, as
   ``python -m train`` scores its own EMA.
   """
   import jax
   import jax.numpy as jnp
   import torch
 
-  from reorg_jax.inference import select_detections
-  from train import loop
+  from reorg_jax.models.inference import select_detections
+  from train import evaluation
 
   ecfg = config['eval']
   select = jax.jit(
@@ -163,7 +163,7 @@ def evaluate(model: Any, val_feed: Any, *, config: dict[str, Any], num_classes: 
     return jax.device_get(select(jnp.asarray(decoded)))
 
   model.eval()
-  return loop.evaluate_split(
+  return evaluation.evaluate_split(
     detect, val_feed, num_classes=num_classes, max_detections=ecfg['max_detections']
   )
 
@@ -183,9 +183,9 @@ def train(
   Args:
     config: the run's resolved configuration (``train/configs/default.yaml`` keys).
     start: the initial state dict, loaded strictly.
-    feed: the training :class:`reorg_jax.loader.BatchLoader`.
+    feed: the training :class:`reorg_jax.data.loader.BatchLoader`.
     val_feed: the validation loader (after each whole epoch).
-    schedule: the run's :class:`reorg_jax.optim.Schedule` (epochs, batch size, ``nb``).
+    schedule: the run's :class:`reorg_jax.training.optim.Schedule` (epochs, batch size, ``nb``).
     num_classes: ``C``.
     total: iterations to run (``schedule.total_steps`` or fewer).
 
@@ -197,7 +197,8 @@ def train(
   from sas_yolov7.models.yolo import Model
   from sas_yolov7.utils.torch_utils import ModelEMA
 
-  from reorg_jax import prefetch, yolo
+  from reorg_jax.data import prefetch
+  from reorg_jax.models import yolo
   from train import config as config_lib
 
   name = config['model']['name']

@@ -25,7 +25,9 @@ import numpy as np
 import optax
 
 import reorg_jax
-from reorg_jax import plotting, synthetic, yolo
+from reorg_jax import plotting
+from reorg_jax.data import synthetic
+from reorg_jax.models import yolo
 
 matplotlib.use('Agg')
 

@@ -1,16 +1,17 @@
 """COCO detection metrics from fixed-shape detections and padded ground truth.
 
-Glossary: ``B`` batch, ``N`` detections per image (padded), ``M`` max boxes
-per image (padded ground truth), ``C`` classes, ``H``/``W`` network input
-height and width in pixels.
+Glossary: ``B`` batch, ``D`` detections per image (padded), ``M`` max boxes
+per image (padded ground truth), ``G`` valid ground-truth boxes of an image,
+``C`` classes, ``H``/``W`` network input height and width in pixels.
 
 :class:`DetectionEvaluator` collects batches on the host and scores them with
 ``pycocotools`` (``COCOeval``, box IoU), building the COCO structures in
 memory. Detections are the padded output of non-maximum suppression (as
-:func:`reorg_jax.inference.predict` returns them: ``boxes [B, N, 4]`` corners in
-input pixels, ``scores [B, N]``, ``classes [B, N]``, ``valid [B, N]``); ground
+:func:`reorg_jax.models.inference.predict` returns them: ``boxes [B, D, 4]`` corners in
+input pixels, ``scores [B, D]``, ``classes [B, D]``, ``valid [B, D]``); ground
 truth is a :class:`reorg_jax.Targets` (normalised centre/size) turned into
-pixels of the same ``H x W`` input frame.
+pixels of the same ``H x W`` input frame. Both become COCO's ``bbox``
+``[x, y, w, h]`` (top-left and size) through :mod:`reorg_jax.boxes`.
 
 Conventions:
 
@@ -49,6 +50,7 @@ import numpy as np
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from reorg_jax import boxes as box_lib
 from reorg_jax import targets as targets_lib
 
 __all__ = ['METRIC_NAMES', 'DetectionEvaluator', 'best_f1', 'coco_metrics']
@@ -86,8 +88,9 @@ def _summary(coco_eval: COCOeval) -> dict[str, float]:
   hard-codes 100 detections for its first value.
   """
   params = coco_eval.params
-  precision = coco_eval.eval['precision']  # [T, R, K, A, D]: IoUs, recalls, classes, areas, caps
-  recall = coco_eval.eval['recall']  # [T, K, A, D]
+  # Axes: IoU thresholds, recall points, classes, area ranges, detection caps.
+  precision = coco_eval.eval['precision']  # [iou, recall, class, area, cap]
+  recall = coco_eval.eval['recall']  # [iou, class, area, cap]
   areas = {label: i for i, label in enumerate(params.areaRngLbl)}
 
   def mean(values: np.ndarray) -> float:
@@ -95,7 +98,7 @@ def _summary(coco_eval: COCOeval) -> dict[str, float]:
     return float(defined.mean()) if defined.size else float('nan')
 
   def ap(*, iou: float | None = None, area: str = 'all') -> float:
-    values = precision[..., areas[area], -1]  # [T, R, K]
+    values = precision[..., areas[area], -1]  # [iou, recall, class]
     if iou is not None:
       values = values[np.flatnonzero(np.isclose(params.iouThrs, iou))]
     return mean(values)
@@ -307,11 +310,11 @@ class DetectionEvaluator:
     """Adds one batch of detections and its ground truth.
 
     Args:
-      boxes: ``[B, N, 4]`` detection corners ``x1, y1, x2, y2`` in input pixels
+      boxes: ``[B, D, 4]`` detection corners ``x1, y1, x2, y2`` in input pixels
         (clipped to the frame here).
-      scores: ``[B, N]`` confidences.
-      classes: ``[B, N]`` integer classes (ignored where not ``valid``).
-      valid: ``[B, N]`` bool, real detections (padding elsewhere).
+      scores: ``[B, D]`` confidences.
+      classes: ``[B, D]`` integer classes (ignored where not ``valid``).
+      valid: ``[B, D]`` bool, real detections (padding elsewhere).
       targets: ground truth, ``[B, M]`` boxes normalised to the input frame.
       image_hw: ``(H, W)`` of the network input the boxes refer to.
       real: optional ``[B]`` bool, images to keep (``False`` marks batch
@@ -326,11 +329,11 @@ class DetectionEvaluator:
     classes = np.asarray(classes)
     valid = np.asarray(valid, bool)
     if boxes.ndim != 3 or boxes.shape[-1] != 4:
-      raise ValueError(f'boxes must have shape [B, N, 4], got {boxes.shape}')
+      raise ValueError(f'boxes must have shape [B, D, 4], got {boxes.shape}')
     shape = boxes.shape[:2]
     for name, array in (('scores', scores), ('classes', classes), ('valid', valid)):
       if array.shape != shape:
-        raise ValueError(f'{name} must have shape {shape} like boxes [B, N], got {array.shape}')
+        raise ValueError(f'{name} must have shape {shape} like boxes [B, D], got {array.shape}')
     gt_boxes = np.asarray(targets.boxes, np.float64)  # [B, M, 4]
     gt_classes = np.asarray(targets.classes)  # [B, M]
     gt_valid = np.asarray(targets.valid, bool)  # [B, M]
@@ -343,21 +346,20 @@ class DetectionEvaluator:
     if height < 1 or width < 1:
       raise ValueError(f'image_hw must be positive (H, W), got {tuple(image_hw)}')
 
-    keep = valid & real[:, None]  # [B, N]
+    keep = valid & real[:, None]  # [B, D]
     _check_boxes(boxes[keep], scores[keep])
     self._check_classes(classes[keep], 'detection')
     self._check_classes(gt_classes[gt_valid & real[:, None]], 'ground-truth')
 
-    boxes = np.clip(boxes, 0, [width, height, width, height])
-    scale = np.array([width, height, width, height], np.float64)
+    boxes = box_lib.clip_xyxy(boxes, width=width, height=height, xp=np)
     for b in np.flatnonzero(real):
       self._images.append((height, width))
       image = len(self._images)  # COCO id, from 1
-      cxcywh = gt_boxes[b, gt_valid[b]] * scale  # [G, 4] pixels
-      xywh = np.concatenate([cxcywh[:, :2] - cxcywh[:, 2:] / 2, cxcywh[:, 2:]], axis=1)
+      xywh = box_lib.normalized_cxcywh_to_pixel_xywh(
+        gt_boxes[b, gt_valid[b]], width=width, height=height, xp=np
+      )  # [G, 4] pixels
       self._gt.append((image, xywh, gt_classes[b, gt_valid[b]].astype(np.int64)))
-      corners = boxes[b, valid[b]]  # [D, 4]
-      xywh = np.concatenate([corners[:, :2], corners[:, 2:] - corners[:, :2]], axis=1)
+      xywh = box_lib.xyxy_to_xywh(boxes[b, valid[b]], xp=np)  # [D', 4] the valid ones
       self._det.append((image, xywh, classes[b, valid[b]].astype(np.int64), scores[b, valid[b]]))
 
   def _check_classes(self, classes: np.ndarray, what: str) -> None:

@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from reorg_jax.assigner import Assignment
-from reorg_jax.config import LossConfig
+from reorg_jax.loss._assign import Assignment
+from reorg_jax.loss._config import LossConfig
 from reorg_jax.reorg import reorg
 from reorg_jax.targets import Targets
 
@@ -588,7 +588,7 @@ def detections_figure(
 
   Args:
     images: ``[B, H, W, 3]`` uint8.
-    detections: :class:`reorg_jax.inference.Detections` of the batch (``[B, D]``).
+    detections: :class:`reorg_jax.models.inference.Detections` of the batch (``[B, D]``).
     labels: per image, ``[N, 5]`` rows ``(class, cx, cy, w, h)`` normalised to the image.
     class_names: ``C`` names.
     max_shown: draw at most this many detections per image (best first).

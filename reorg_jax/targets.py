@@ -1,6 +1,11 @@
 """Ground-truth boxes padded to a fixed count per image, with an explicit mask.
 
-Glossary: ``B`` batch, ``M`` maximum boxes per image, ``N`` label rows.
+Glossary: ``B`` batch, ``M`` max boxes per image, ``N`` label rows, ``C``
+classes.
+
+Boxes are normalised ``cxcywh`` (:mod:`reorg_jax.boxes`' name for centre x,
+centre y, width, height); :meth:`Targets.from_yolo` packs upstream's ``[N, 6]``
+label rows ``(image, class, cx, cy, w, h)`` into ``[B, M, ...]`` arrays.
 """
 
 from __future__ import annotations
@@ -9,6 +14,8 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+__all__ = ['Targets']
 
 
 @flax.struct.dataclass

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from reorg_jax.config import LossConfig
+from reorg_jax.loss._config import LossConfig
 
 
 def random_labels(

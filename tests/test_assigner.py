@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 import reorg_jax
-from reorg_jax import assigner, testing
+from reorg_jax import testing
+from reorg_jax.loss import _assign as assigner
 
 HW = (320, 320)
 # The loss's speed settings at their simplest: one image group, no capacity ladder, so each

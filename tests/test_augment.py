@@ -5,7 +5,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from reorg_jax import augment
+from reorg_jax.data import augment, geometry, mosaic
 
 
 def _rows(*boxes):
@@ -85,7 +85,7 @@ def test_warp_moves_boxes_by_a_known_affine():
   image = np.zeros((40, 40, 3), np.uint8)
   image[5:10, 5:15] = 200
   matrix = np.asarray([[2, 0, 10], [0, 2, 20], [0, 0, 1]], np.float64)
-  out, labels = augment.warp(
+  out, labels = geometry.warp(
     image, _rows([4, 5, 5, 15, 10]), matrix=matrix, out_size=(60, 80), area_scale=4.0
   )
   assert out.shape == (60, 80, 3)
@@ -104,20 +104,20 @@ def test_warp_clips_and_drops_degenerate_boxes():
     [4, 55, 60, 97, 62.5],  # 42 x 2.5: aspect ratio 16.8, kept.
     [5, 55, 70, 97, 72.05],  # 42 x 2.05: aspect ratio > 20, dropped.
   )
-  _, out = augment.warp(image, labels, matrix=shift, out_size=(100, 100), area_scale=1.0)
+  _, out = geometry.warp(image, labels, matrix=shift, out_size=(100, 100), area_scale=1.0)
   np.testing.assert_allclose(out, [[0, 0, 10, 30, 50], [4, 5, 60, 47, 62.5]])
 
 
 def test_box_candidates_area_ratio_uses_the_zoom():
   before = np.asarray([[0, 0, 10, 10]], np.float64)
   after = np.asarray([[0, 0, 6, 6]], np.float64)  # 36 of a zoomed area of 400: 9 %.
-  assert not augment.box_candidates(before, after, area_scale=4.0)[0]
-  assert augment.box_candidates(before, after, area_scale=1.0)[0]
+  assert not geometry.box_candidates(before, after, area_scale=4.0)[0]
+  assert geometry.box_candidates(before, after, area_scale=1.0)[0]
 
 
 def test_affine_matrix_maps_centre_to_jittered_centre():
   rng = np.random.default_rng(3)
-  matrix, zoom = augment.affine_matrix(
+  matrix, zoom = geometry.affine_matrix(
     rng=rng,
     in_size=(200, 100),
     out_size=(50, 60),
@@ -138,7 +138,7 @@ def test_rotation_keeps_boxes_around_the_object():
   image = np.zeros((64, 64, 3), np.uint8)
   image[24:40, 16:48] = 255
   rng = np.random.default_rng(0)
-  out, labels = augment.random_affine(
+  out, labels = geometry.random_affine(
     image,
     _rows([1, 16, 24, 48, 40]),
     rng=rng,
@@ -160,7 +160,7 @@ def test_mosaic_places_tiles_around_the_centre():
     (np.full((30, 40, 3), c, np.uint8), _rows([k, 0.5, 0.5, 0.5, 0.5]))
     for k, c in enumerate(colours)
   ]
-  canvas, labels, segments = augment.mosaic(tiles, size=32, center=(45, 20))
+  canvas, labels, segments = mosaic.mosaic(tiles, size=32, center=(45, 20))
   assert segments is None
   assert canvas.shape == (64, 64, 3)
   assert canvas[0, 5, 0] == 10 and canvas[19, 44, 0] == 10  # Top left, cut at y = 0.
@@ -178,8 +178,8 @@ def test_random_mosaic_is_reproducible_and_inside_the_image():
     (np.full((32, 24, 3), 60 * k, np.uint8), _rows([k, 0.5, 0.5, 0.6, 0.4])) for k in range(4)
   ]
   config = augment.AugmentConfig()
-  a = augment.random_mosaic(tiles, rng=np.random.default_rng(5), size=32, config=config)
-  b = augment.random_mosaic(tiles, rng=np.random.default_rng(5), size=32, config=config)
+  a = mosaic.random_mosaic(tiles, rng=np.random.default_rng(5), size=32, config=config)
+  b = mosaic.random_mosaic(tiles, rng=np.random.default_rng(5), size=32, config=config)
   np.testing.assert_array_equal(a[0], b[0])
   np.testing.assert_array_equal(a[1], b[1])
   assert a[0].shape == (32, 32, 3)
@@ -200,7 +200,7 @@ def test_hsv_jitter_is_reproducible_and_identity_without_gain():
 def test_mixup_blends_and_keeps_all_boxes():
   first = (np.full((8, 8, 3), 200, np.uint8), _rows([0, 1, 1, 4, 4]))
   second = (np.full((8, 8, 3), 100, np.uint8), _rows([1, 2, 2, 6, 6], [2, 0, 0, 3, 3]))
-  image, labels = augment.mixup(first, second, rng=np.random.default_rng(0))
+  image, labels = mosaic.mixup(first, second, rng=np.random.default_rng(0))
   assert 100 < image[0, 0, 0] < 200 and len(labels) == 3
   with pytest.raises(ValueError, match='one shape'):
-    augment.mixup(first, (np.zeros((4, 8, 3), np.uint8), _rows()), rng=np.random.default_rng(0))
+    mosaic.mixup(first, (np.zeros((4, 8, 3), np.uint8), _rows()), rng=np.random.default_rng(0))

@@ -1,7 +1,7 @@
 """Training samples of a polygon-labelled dataset, statistically against upstream's loader.
 
 Upstream's ``LoadImagesAndLabels`` (its ``__getitem__``: mosaics, segment-aware
-warp, mixup, paste_in, flips) and our :func:`reorg_jax.loader.load_sample`
+warp, mixup, paste_in, flips) and our :func:`reorg_jax.data.loader.load_sample`
 draw ``SAMPLES`` training samples each from the same 12-image synthetic
 dataset with polygon labels, at 96 px, seeds fixed. Their random streams
 differ, so the samples are compared as distributions, one value per sample
@@ -10,8 +10,8 @@ differ, so the samples are compared as distributions, one value per sample
 * boxes per sample;
 * the median box width and the median box height of a sample (normalised);
 * the fraction of boxes kept by the sample's warps (boxes out over boxes in,
-  counted around upstream's ``random_perspective`` and our ``augment.warp``);
-* the boxes paste_in added (counted around ``pastein`` and ``augment.paste_in``).
+  counted around upstream's ``random_perspective`` and our ``geometry.warp``);
+* the boxes paste_in added (counted around ``pastein`` and ``mosaic.paste_in``).
 
 Each statistic is compared with a two-sample Kolmogorov-Smirnov test
 (asymptotic p-values: the counts are discrete), and the test fails when
@@ -32,7 +32,7 @@ import yaml
 from sas_yolov7.utils import datasets as reference
 from scipy import stats
 
-from reorg_jax import augment, dataset, loader, synthetic
+from reorg_jax.data import augment, dataset, geometry, loader, mosaic, synthetic
 
 SIZE = 96
 SAMPLES = 300
@@ -109,8 +109,8 @@ def _upstream_samples(data, monkeypatch, hyp):
 
 def _our_samples(data, monkeypatch, config):
   counts = [0, 0, 0]
-  for name, warp in (('warp', True), ('paste_in', False)):
-    monkeypatch.setattr(augment, name, _counting(augment, name, counts, warp=warp))
+  for module, name, warp in ((geometry, 'warp', True), (mosaic, 'paste_in', False)):
+    monkeypatch.setattr(module, name, _counting(module, name, counts, warp=warp))
   rows = []
   for i in range(SAMPLES):
     counts[:] = [0, 0, 0]

@@ -16,7 +16,7 @@ import numpy as np
 import optax
 import pytest
 
-from reorg_jax import checkpoint
+from reorg_jax.training import checkpoint, integrity
 
 
 @flax.struct.dataclass
@@ -83,12 +83,12 @@ def test_round_trip_is_exact(tmp_path, asynchronous):
 
 def test_key_helpers_round_trip():
   tree = {'a': jax.random.split(jax.random.key(0), 3), 'b': jnp.ones(2), 'c': 1}
-  data = checkpoint.unwrap_keys(tree)
+  data = integrity.unwrap_keys(tree)
   assert data['a'].dtype == jnp.uint32 and data['a'].shape == (3, 2)
-  _assert_same(checkpoint.wrap_keys(data, like=tree), tree)
+  _assert_same(integrity.wrap_keys(data, like=tree), tree)
   abstract = jax.eval_shape(lambda: tree)
   with pytest.raises(TypeError, match='abstract target'):
-    checkpoint.wrap_keys(data, like=abstract)
+    integrity.wrap_keys(data, like=abstract)
 
 
 def test_keeps_last_k_every_n_steps(tmp_path):
@@ -179,7 +179,7 @@ _SAVE_LOOP = textwrap.dedent(
   """
   import sys
   import jax.numpy as jnp
-  from reorg_jax import checkpoint
+  from reorg_jax.training import checkpoint, integrity
 
   with checkpoint.Checkpoints(sys.argv[1], save_every=1, keep_last=2) as ckpt:
     for step in range(1, 10_000):

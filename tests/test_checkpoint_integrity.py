@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from reorg_jax import checkpoint
+from reorg_jax.training import checkpoint, integrity
 
 
 def _state(scale: float) -> dict:
@@ -66,7 +66,7 @@ def test_digests_are_saved_and_verified(run_dir):
     restored.state['opt_state']['momentum_buffer'], _state(2.0)['opt_state']['momentum_buffer']
   )
   assert jax.random.key_impl(restored.state['rng']) == jax.random.key_impl(LIKE['rng'])
-  saved = checkpoint.digests(_state(2.0))
+  saved = integrity.digests(_state(2.0))
   assert set(saved) == {
     "['params']['conv']['kernel']",
     "['opt_state']['momentum_buffer']",
@@ -74,7 +74,7 @@ def test_digests_are_saved_and_verified(run_dir):
     "['step']",
   }
   assert saved["['rng']"]['dtype'] == 'uint32'  # typed keys are digested as their key data
-  assert saved != checkpoint.digests(_state(1.0))
+  assert saved != integrity.digests(_state(1.0))
 
 
 def test_flipped_bytes_are_refused_and_resume_falls_back(run_dir):
@@ -83,7 +83,7 @@ def test_flipped_bytes_are_refused_and_resume_falls_back(run_dir):
   content = bytearray(data.read_bytes())
   content[100:164] = bytes(b ^ 0xFF for b in content[100:164])
   data.write_bytes(bytes(content))
-  with pytest.raises(checkpoint.CheckpointError, match='step 2') as error:
+  with pytest.raises(integrity.CheckpointError, match='step 2') as error:
     _restore_step(run_dir, 2)
   assert error.value.step == 2
   assert "is damaged: state['opt_state']['momentum_buffer'] does not match" in str(error.value)
@@ -133,7 +133,7 @@ def test_swapped_digests_are_refused(run_dir):
   steps = run_dir / 'steps'
   shutil.rmtree(steps / '2' / 'meta')
   shutil.copytree(steps / '1' / 'meta', steps / '2' / 'meta')
-  with pytest.raises(checkpoint.CheckpointError, match=r'step 2 .* is damaged: state\[') as error:
+  with pytest.raises(integrity.CheckpointError, match=r'step 2 .* is damaged: state\[') as error:
     _restore_step(run_dir, 2)
   assert '(and 2 more)' in str(error.value)  # kernel, momentum and step differ; the key does not
 
@@ -142,9 +142,7 @@ def test_every_checkpoint_damaged_is_an_error_and_renames_nothing(run_dir):
   for step in ('1', '2'):
     (run_dir / 'steps' / step / 'state' / '_METADATA').write_bytes(b'')
   with checkpoint.Checkpoints(run_dir, save_every=1) as ckpt:
-    with pytest.raises(
-      checkpoint.CheckpointError, match='no checkpoint restores: .*step 2.*step 1'
-    ):
+    with pytest.raises(integrity.CheckpointError, match='no checkpoint restores: .*step 2.*step 1'):
       ckpt.restore_latest(like=LIKE)
   assert sorted(os.listdir(run_dir / 'steps')) == ['1', '2']
 
@@ -152,7 +150,7 @@ def test_every_checkpoint_damaged_is_an_error_and_renames_nothing(run_dir):
 def test_a_like_that_fits_no_checkpoint_renames_nothing(run_dir):
   wrong = {**LIKE, 'extra': jnp.zeros(3)}
   with checkpoint.Checkpoints(run_dir, save_every=1) as ckpt:
-    with pytest.raises(checkpoint.CheckpointError, match='no checkpoint restores'):
+    with pytest.raises(integrity.CheckpointError, match='no checkpoint restores'):
       ckpt.restore_latest(like=wrong)
   assert sorted(os.listdir(run_dir / 'steps')) == ['1', '2']
 

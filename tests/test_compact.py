@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 
 import reorg_jax
-from reorg_jax import assigner, compact, testing
+from reorg_jax import testing
+from reorg_jax.loss import _assign as assigner
+from reorg_jax.loss import _packed as compact
 
 HW = (320, 320)
 

@@ -13,7 +13,8 @@ import re
 import pytest
 import yaml
 
-from reorg_jax import synthetic, yolo
+from reorg_jax.data import synthetic
+from reorg_jax.models import yolo
 from train import config as config_lib
 from train import loop, main
 

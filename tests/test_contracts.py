@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 
 import reorg_jax
-from reorg_jax import testing, yolo
-from reorg_jax.inference import predict
+from reorg_jax import testing
+from reorg_jax.models import yolo
+from reorg_jax.models.inference import predict
 
 HW = (64, 64)
 

@@ -15,7 +15,8 @@ import torch
 from sas_yolov7.models.yolo import Model
 from upstream_models import perturbed_model
 
-from reorg_jax import convert, model_yaml, yolo
+from reorg_jax.models import convert, yolo
+from reorg_jax.models import from_yaml as model_yaml
 
 
 @pytest.fixture(scope='module')

@@ -2,7 +2,7 @@
 
 Upstream's model (built from our small YAML by upstream's own ``Model``), its
 ``ComputeLossAuxOTA`` and ``torch.optim.SGD`` with upstream's three parameter
-groups take one step; our imported copy takes one :func:`reorg_jax.train.train_step`
+groups take one step; our imported copy takes one :func:`reorg_jax.training.step.train_step`
 with the same learning rates, momentum and weight decay. The updated weights and
 BatchNorm statistics must agree.
 
@@ -25,8 +25,10 @@ from sas_yolov7.models.yolo import Model
 from upstream_models import flushed_denormals
 
 import reorg_jax
-from reorg_jax import config as config_lib
-from reorg_jax import convert, optim, train, yolo
+from reorg_jax import loss as config_lib
+from reorg_jax.models import convert, yolo
+from reorg_jax.training import optim
+from reorg_jax.training import step as train
 
 NUM_CLASSES, SIZE, BATCH = 3, 128, 2
 LABELS = np.asarray(

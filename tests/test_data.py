@@ -10,7 +10,7 @@ import cv2
 import numpy as np
 import pytest
 
-from reorg_jax import augment, dataset, loader, prefetch, synthetic
+from reorg_jax.data import augment, dataset, loader, prefetch, synthetic
 
 SIZE = 64
 
@@ -63,7 +63,7 @@ def test_yaml_path_key_names_dict_and_list_files(tmp_path, caplog):
   )
   config = dataset.read_data_config(tmp_path / 'cfg' / 'd.yaml')
   assert config.names == ('cat', 'dog') and config.num_classes == 2
-  with caplog.at_level(logging.WARNING, logger='reorg_jax.dataset'):
+  with caplog.at_level(logging.WARNING, logger='reorg_jax.data.dataset'):
     val = dataset.load_split(config.val, names=config.names)
   assert 'val.txt:4: ignoring' in caplog.text
   assert [p.name for p in val.image_paths] == ['p.png', 'q.png']
@@ -129,7 +129,7 @@ def test_polygon_rows_become_their_bounding_box(tmp_path):
 def test_unreadable_images_are_skipped_with_a_warning_or_raise_when_strict(tmp_path, caplog):
   path = _layout(tmp_path, {'ok': '0 0.5 0.5 0.1 0.1\n', 'broken': None})
   (tmp_path / 'images' / 'broken.png').write_bytes(b'not a png')
-  with caplog.at_level(logging.WARNING, logger='reorg_jax.dataset'):
+  with caplog.at_level(logging.WARNING, logger='reorg_jax.data.dataset'):
     data = dataset.load_dataset(path, split='train')
   assert [p.name for p in data.image_paths] == ['ok.png']
   assert 'broken.png' in caplog.text

@@ -24,7 +24,8 @@ import numpy as np
 import pytest
 import yaml
 
-from reorg_jax import checkpoint, synthetic
+from reorg_jax.data import synthetic
+from reorg_jax.training import checkpoint
 from train import config as config_lib
 from train import loop, report
 

@@ -223,7 +223,7 @@ def test_clear_errors():
 
 
 def test_takes_predict_output_directly():
-  from reorg_jax import inference as predict
+  from reorg_jax.models import inference as predict
 
   labels = np.array(
     [[0, 0, 0.25, 0.5, 0.2, 0.3], [0, 2, 0.7, 0.4, 0.1, 0.2], [1, 1, 0.5, 0.5, 0.4, 0.4]]

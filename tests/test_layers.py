@@ -1,7 +1,7 @@
 """Layers and the IAuxDetect head against the original PyTorch modules, one module at a time.
 
 Each original module gets random weights and batch-norm state, its state dict
-is imported with :func:`reorg_jax.convert.variables_from_state_dict`, and the
+is imported with :func:`reorg_jax.models.convert.variables_from_state_dict`, and the
 outputs are compared in training mode (with the running-average update) and
 in evaluation mode, in float32.
 """
@@ -20,7 +20,7 @@ from sas_yolov7.models import common
 from sas_yolov7.models.yolo import IAuxDetect as TorchIAuxDetect
 from upstream_models import flushed_denormals
 
-from reorg_jax import convert, detect, layers
+from reorg_jax.models import convert, detect, layers
 
 ATOL = 1e-5
 ANCHORS = ((19, 27, 44, 40, 38, 94), (96, 68, 86, 152, 180, 137), (140, 301, 303, 264, 238, 542))

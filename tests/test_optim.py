@@ -22,7 +22,8 @@ from sas_yolov7.models import common
 from sas_yolov7.utils.torch_utils import ModelEMA
 
 import reorg_jax
-from reorg_jax import detect, ema, layers, optim
+from reorg_jax.models import detect, layers
+from reorg_jax.training import ema, optim, sgd
 
 HYP = {
   'lr0': 0.01,
@@ -57,14 +58,14 @@ def test_labels_on_toy_model():
     'im': {'implicit': optim.NO_DECAY},
     'fc': {'kernel': optim.DECAY, 'bias': optim.BIAS},
   }
-  assert optim.param_labels(params) == expected
+  assert sgd.param_labels(params) == expected
 
 
 def test_labels_on_detection_head():
   head = detect.IAuxDetect(num_classes=2, anchors=((10, 13, 16, 30),), strides=(8,))
   features = [jnp.zeros((1, 4, 4, 5))] * 2
   params = head.init(jax.random.key(0), features, train=True)['params']
-  labels = optim.param_labels(params)
+  labels = sgd.param_labels(params)
   assert labels == {
     'ia_0': {'implicit': optim.NO_DECAY},
     'im_0': {'implicit': optim.NO_DECAY},
@@ -76,13 +77,13 @@ def test_labels_on_detection_head():
 def test_labels_reject_unknown_and_misshapen_leaves():
   params = {'embed': {'embedding': jnp.zeros((5, 3))}, 'ok': {'bias': jnp.zeros(3)}}
   with pytest.raises(ValueError, match=r"\['embed'\]\['embedding'\]"):
-    optim.param_labels(params)
-  groups = {**optim.UPSTREAM_GROUPS, 'embedding': optim.DECAY}
-  assert optim.param_labels(params, groups=groups)['embed']['embedding'] == optim.DECAY
+    sgd.param_labels(params)
+  groups = {**sgd.UPSTREAM_GROUPS, 'embedding': optim.DECAY}
+  assert sgd.param_labels(params, groups=groups)['embed']['embedding'] == optim.DECAY
   with pytest.raises(ValueError, match='shape'):
-    optim.param_labels({'dense': {'kernel': jnp.zeros(3)}})
+    sgd.param_labels({'dense': {'kernel': jnp.zeros(3)}})
   with pytest.raises(ValueError, match='shape'):
-    optim.param_labels({'bn': {'scale': jnp.zeros((3, 3))}})
+    sgd.param_labels({'bn': {'scale': jnp.zeros((3, 3))}})
 
 
 def test_schedule_derived_quantities():
@@ -140,16 +141,16 @@ def test_nesterov_first_steps_follow_torch_rule():
   labels = {'w': optim.DECAY, 'b': optim.BIAS}
   params = {'w': jnp.full((2, 2), 2.0), 'b': jnp.ones(2)}
   grads = {'w': jnp.full((2, 2), 0.5), 'b': jnp.full(2, -1.0)}
-  sgd = optim.nesterov_sgd(labels, weight_decays=(0.0, 0.1, 0.0))
-  state = sgd.init(params)
+  optimizer = sgd.nesterov_sgd(labels, weight_decays=(0.0, 0.1, 0.0))
+  state = optimizer.init(params)
   lrs, momentum = jnp.asarray([0.0, 0.01, 0.1]), 0.9
-  updates, state = sgd.update(grads, state, params, lrs=lrs, momentum=momentum)
+  updates, state = optimizer.update(grads, state, params, lrs=lrs, momentum=momentum)
   g_w = 0.5 + 0.1 * 2.0  # decay coupled into the gradient
   np.testing.assert_allclose(state.momentum_buffer['w'], g_w)  # first step: buf = g
   np.testing.assert_allclose(updates['w'], -0.01 * (g_w + 0.9 * g_w), rtol=1e-6)
   np.testing.assert_allclose(updates['b'], -0.1 * (-1.0 - 0.9), rtol=1e-6)
   params = optax_apply(params, updates)
-  updates, state = sgd.update(grads, state, params, lrs=lrs, momentum=0.5)
+  updates, state = optimizer.update(grads, state, params, lrs=lrs, momentum=0.5)
   g_w2 = 0.5 + 0.1 * float(params['w'][0, 0])
   buf = 0.5 * g_w + g_w2
   np.testing.assert_allclose(state.momentum_buffer['w'], buf, rtol=1e-6)
@@ -165,7 +166,7 @@ def test_accumulation_sums_and_steps_by_rule(since_last):
   recipe = optim.RecipeConfig(min_warmup_steps=12, warmup_epochs=0.0, step_since_last=since_last)
   schedule = optim.Schedule(epochs=3, batch_size=16, steps_per_epoch=9, recipe=recipe)
   labels = {'w': optim.DECAY}
-  opt = optim.recipe_optimizer(labels, schedule=schedule)
+  opt = sgd.recipe_optimizer(labels, schedule=schedule)
   params = {'w': jnp.zeros(3)}
   state = opt.init(params)
   update = jax.jit(opt.update)
@@ -293,8 +294,8 @@ def test_matches_torch_sgd_and_model_ema(since_last):
   last_opt_step = -1
 
   # Ours.
-  labels = optim.param_labels(variables['params'])
-  opt = optim.recipe_optimizer(labels, schedule=schedule)
+  labels = sgd.param_labels(variables['params'])
+  opt = sgd.recipe_optimizer(labels, schedule=schedule)
   params = jax.tree.map(jnp.asarray, variables['params'])
   state = opt.init(params)
   ema_tree = ema.ema_init(variables)

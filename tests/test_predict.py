@@ -17,7 +17,7 @@ import pytest
 import torch
 from sas_yolov7.utils.general import box_iou, non_max_suppression
 
-from reorg_jax import inference, yolo
+from reorg_jax.models import inference, yolo
 
 
 def _greedy_nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torch.Tensor:

@@ -19,7 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from reorg_jax import checkpoint, synthetic
+from reorg_jax.data import synthetic
+from reorg_jax.training import checkpoint, integrity
 from train import config as config_lib
 from train import loop, main, report, rundir
 
@@ -133,7 +134,7 @@ def test_failed_checkpoint_write_is_an_os_error_naming_step_and_fallback(tmp_pat
     ckpt.save(1, {'w': jnp.ones(2)})
     ckpt.wait()
     monkeypatch.setattr(ckpt._steps, 'save', _tensorstore_failure)
-    with pytest.raises(checkpoint.CheckpointWriteError) as error:
+    with pytest.raises(integrity.CheckpointWriteError) as error:
       ckpt.save(2, {'w': jnp.ones(2)})
     monkeypatch.undo()
   assert error.value.errno == errno.ENOSPC
@@ -150,13 +151,15 @@ def test_background_write_failure_surfaces_at_wait(tmp_path, monkeypatch):
   with checkpoint.Checkpoints(tmp_path, save_every=1) as ckpt:
     ckpt.save(4, {'w': jnp.ones(2)})
     monkeypatch.setattr(ckpt._steps, 'wait_until_finished', _tensorstore_failure)
-    with pytest.raises(checkpoint.CheckpointWriteError, match='periodic checkpoint step 4'):
+    with pytest.raises(integrity.CheckpointWriteError, match='periodic checkpoint step 4'):
       ckpt.wait()
-    with pytest.raises(checkpoint.CheckpointWriteError, match='step 4'):
+    with pytest.raises(integrity.CheckpointWriteError, match='step 4'):
       ckpt.close()  # the managers are released all the same
     monkeypatch.undo()
   with pytest.raises(ValueError, match='not a checkpoint error'):  # other errors pass unchanged
-    with checkpoint._WriteGuard(None, 'periodic', 1):
+    with integrity.WriteGuard(
+      what='periodic', step=1, directory=tmp_path, latest_step=lambda: None
+    ):
       raise ValueError('not a checkpoint error')
 
 

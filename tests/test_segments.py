@@ -22,7 +22,7 @@ import pytest
 from sas_yolov7.utils import datasets as reference
 from sas_yolov7.utils import general as reference_general
 
-from reorg_jax import augment, dataset, loader, synthetic
+from reorg_jax.data import augment, dataset, geometry, loader, mosaic, synthetic
 
 SIZE = 64
 
@@ -105,16 +105,16 @@ def _assert_images_agree(ours, theirs):
 def test_resample_and_segment_box_match_upstream():
   rng = np.random.default_rng(0)
   segments = [_polygon(rng, 30, 40, 20, n) for n in (3, 4, 9)]
-  ours = augment.resample_segments(segments)
+  ours = geometry.resample_segments(segments)
   theirs = reference_general.resample_segments(copy.deepcopy(segments))
   for a, b in zip(ours, theirs, strict=True):
-    assert a.shape == (augment.RESAMPLE_POINTS, 2)
+    assert a.shape == (geometry.RESAMPLE_POINTS, 2)
     np.testing.assert_allclose(a, b, rtol=0, atol=1e-9)
   points = np.stack(ours)
-  boxes = augment.segment_boxes(points, width=45, height=50)  # Some points lie outside.
+  boxes = geometry.segment_boxes(points, width=45, height=50)  # Some points lie outside.
   for box, segment in zip(boxes, ours, strict=True):
     np.testing.assert_allclose(box, reference_general.segment2box(segment, 45, 50), atol=1e-9)
-  outside = augment.segment_boxes(points + 100, width=45, height=50)
+  outside = geometry.segment_boxes(points + 100, width=45, height=50)
   np.testing.assert_array_equal(outside, 0)  # Upstream: zeros, removed by box_candidates.
 
 
@@ -132,7 +132,7 @@ def test_warp_matches_upstream_random_perspective(monkeypatch, perspective, with
     border=(-15, -20),
     **hyp,
   )
-  out_ours, boxes_ours = augment.random_affine(
+  out_ours, boxes_ours = geometry.random_affine(
     image,
     rows,
     rng=_Script(us),
@@ -198,7 +198,7 @@ def test_mosaics_with_segments_match_upstream(monkeypatch, nine):
   function = reference.load_mosaic9 if nine else reference.load_mosaic
   image_theirs, boxes_theirs = function(fake, 0)
   config = augment.AugmentConfig(**{k: v for k, v in HYP.items() if k != 'copy_paste'})
-  image_ours, boxes_ours = augment.random_mosaic(tiles, rng=_Script(us), size=SIZE, config=config)
+  image_ours, boxes_ours = mosaic.random_mosaic(tiles, rng=_Script(us), size=SIZE, config=config)
   _assert_images_agree(image_ours, image_theirs)
   assert len(boxes_ours) > 3
   np.testing.assert_allclose(boxes_ours, boxes_theirs, rtol=0, atol=2e-3)
@@ -210,7 +210,7 @@ def test_cut_objects_matches_upstream_sample_segments(monkeypatch):
   picks = [[2, 5, 0, 3]]  # round(0.5 * 7) = 4 of them.
   monkeypatch.setattr(reference, 'random', _Script([], copy.deepcopy(picks)))
   classes, patches, masks = reference.sample_segments(image, rows, copy.deepcopy(segments))
-  ours = augment.cut_objects(image, rows, segments, rng=_Script([], picks))
+  ours = mosaic.cut_objects(image, rows, segments, rng=_Script([], picks))
   assert [o[0] for o in ours] == classes and len(ours) == 3
   for (_, patch, mask), theirs_patch, theirs_mask in zip(ours, patches, masks, strict=True):
     np.testing.assert_array_equal(mask, theirs_mask[..., 0] > 0)
@@ -220,7 +220,7 @@ def test_cut_objects_matches_upstream_sample_segments(monkeypatch):
 def test_paste_in_matches_upstream_pastein(monkeypatch):
   image, rows, segments = _scene(5, height=96, width=112, count=3)
   source, source_rows, source_segments = _scene(6, height=128, width=128, count=8)
-  objects = augment.cut_objects(
+  objects = mosaic.cut_objects(
     source, source_rows, source_segments, rng=_Script([], [list(range(8))]), fraction=1.0
   )
   us = np.random.default_rng(8).uniform(0, 1, 200).tolist()
@@ -234,7 +234,7 @@ def test_paste_in_matches_upstream_pastein(monkeypatch):
     [np.repeat(o[2][..., None].astype(np.uint8) * 255, 3, axis=2) for o in objects],
   )
   script = _Script(us)
-  canvas_ours, labels_ours = augment.paste_in(image, rows, objects, rng=script)
+  canvas_ours, labels_ours = mosaic.paste_in(image, rows, objects, rng=script)
   assert len(script.us) == len(reference.random.us)  # The same number of draws.
   assert len(labels_ours) == len(rows) + 3  # Three pasted.
   np.testing.assert_array_equal(canvas_ours, canvas_theirs)
@@ -294,7 +294,7 @@ def test_polygon_dataset_trains_with_every_option(tmp_path):
     np.testing.assert_allclose(a, b, atol=2e-6)  # The same boxes, read from polygons.
   config = augment.AugmentConfig(paste_in=1.0, mosaic9=0.5, mixup=0.5, degrees=10.0)
   bound = loader.max_boxes_bound(data, config)
-  assert bound == 18 * data.max_labels + len(augment.PASTE_SCALES)
+  assert bound == 18 * data.max_labels + len(mosaic.PASTE_SCALES)
   assert loader.max_boxes_bound(boxes, config) == 18 * data.max_labels
   feed = loader.BatchLoader(
     data, batch_size=3, image_size=SIZE, max_boxes=bound, seed=1, config=config, shuffle=True,

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import yaml
 
-from reorg_jax import augment, synthetic
+from reorg_jax.data import augment, synthetic
 
 
 def _chroma(image):

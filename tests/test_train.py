@@ -25,8 +25,9 @@ import pytest
 import yaml
 from jax.sharding import NamedSharding, PartitionSpec
 
-from reorg_jax import checkpoint, optim, synthetic
-from reorg_jax import train as train_lib
+from reorg_jax.data import synthetic
+from reorg_jax.training import checkpoint, optim
+from reorg_jax.training import step as train_lib
 from train import config as config_lib
 from train import loop, main, report
 

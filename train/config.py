@@ -12,8 +12,8 @@ so a typo is an error rather than a silently ignored option.
 
 :func:`load` checks every value before anything runs: its type (that of its
 default), its range (the ``recipe``, ``augment`` and ``loss`` sections are
-built into :class:`reorg_jax.optim.RecipeConfig`,
-:class:`reorg_jax.augment.AugmentConfig` and :class:`reorg_jax.LossConfig`,
+built into :class:`reorg_jax.training.optim.RecipeConfig`,
+:class:`reorg_jax.data.augment.AugmentConfig` and :class:`reorg_jax.LossConfig`,
 whose own checks apply), and the constraints between options that the
 configuration alone decides. A failure is one :class:`ConfigError` line
 naming where the value came from (a file, or the command line), the dotted
@@ -32,8 +32,33 @@ from typing import Any
 
 import yaml
 
-from reorg_jax import augment, optim, yolo
-from reorg_jax import config as loss_lib
+from reorg_jax import loss as loss_lib
+from reorg_jax.data import augment
+from reorg_jax.models import yolo
+from reorg_jax.training import optim
+
+__all__ = [
+  'DEFAULT_PATH',
+  'FIXED_ON_RESUME',
+  'LOSS_OPTIONS',
+  'NULLABLE',
+  'ConfigError',
+  'augmentation',
+  'boxes_per_image',
+  'build_model',
+  'check',
+  'check_model',
+  'defaults',
+  'dotted',
+  'dump',
+  'flatten',
+  'get',
+  'load',
+  'merge',
+  'read_yaml',
+  'recipe',
+  'resume_conflicts',
+]
 
 DEFAULT_PATH = Path(__file__).resolve().parent / 'configs' / 'default.yaml'
 
@@ -202,7 +227,7 @@ def build_model(
 
 
 def boxes_per_image(model: yolo.YOLO, *, image_size: int) -> int:
-  """``N``: the boxes ``model`` predicts on a square ``image_size`` input."""
+  """``R``: the boxes (decoded rows) ``model`` predicts on a square ``image_size`` input."""
   anchors = len(model.anchors[0])
   return sum(anchors * (image_size // stride) ** 2 for stride in model.strides)
 

@@ -3,12 +3,12 @@
 Glossary: ``B`` batch size (all devices), ``S`` image side, ``g`` the
 global step (batches trained so far; equals ``TrainState.step``).
 
-:func:`setup` builds a run's pieces once (:class:`Run`: splits, loaders,
-model, schedule, loss gains, the initial state on the devices and the
-jitted step); :func:`run` trains them in a run directory. The run's
+:func:`setup` builds a run's pieces once (:class:`train.pieces.Run`: splits,
+loaders, model, schedule, loss gains, the initial state on the devices and
+the jitted step); :func:`run` trains them in a run directory. The run's
 position is ``g`` alone: the batch of step ``g`` is batch
 ``g % steps_per_epoch`` of epoch ``g // steps_per_epoch``, which
-:class:`reorg_jax.loader.BatchLoader` builds as a pure function of
+:class:`reorg_jax.data.loader.BatchLoader` builds as a pure function of
 ``(seed, epoch, batch)``. A checkpoint therefore holds the whole state
 (weights, BatchNorm statistics, optimiser and accumulation state, EMA,
 ``g``), and resuming from it repeats exactly the steps an uninterrupted run
@@ -19,13 +19,14 @@ The host never waits for a step. Steps are dispatched one after another
 their metrics stay on the devices until they are fetched together every
 ``log.every_steps`` steps, at the end of each epoch, before each checkpoint
 and at the end of the run. A fetch checks every fetched step in order and
-raises :class:`reorg_jax.train.NonFiniteError` naming the first whose loss
+raises :class:`reorg_jax.training.step.NonFiniteError` naming the first whose loss
 or gradient was not finite; such a step changes nothing but the step
-counter (see :func:`reorg_jax.train.train_step`), and since a fetch
+counter (see :func:`reorg_jax.training.step.train_step`), and since a fetch
 precedes every checkpoint, nothing is saved after it.
 
 At the end of an epoch the EMA weights are evaluated on the validation split
-and the best checkpoint kept; then the periodic checkpoint is written. A run
+and the best checkpoint kept (:func:`train.evaluation.end_epoch`); then the
+periodic checkpoint is written. A run
 killed at any point resumes from the newest complete periodic checkpoint
 that verifies against its digests (a damaged newer one is skipped, said in
 one line, and kept as ``<step>.damaged-<n>``).
@@ -41,39 +42,24 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import shutil
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-from jax.experimental import multihost_utils
-from jax.sharding import NamedSharding
 
 import reorg_jax
-from reorg_jax import checkpoint, dataset, evaluate, loader, optim, prefetch, synthetic, yolo
-from reorg_jax import train as train_lib
-from reorg_jax.inference import Detections, predict
+from reorg_jax.data import dataset, loader, prefetch
+from reorg_jax.models import yolo
+from reorg_jax.training import checkpoint, integrity, optim
+from reorg_jax.training import step as train_lib
 from train import config as config_lib
-from train import report, rundir
+from train import evaluation, report, rundir
+from train.pieces import Reports, Run, dataset_yaml, load_splits
 from train.rundir import RunError
 
-__all__ = [
-  'Result',
-  'Run',
-  'RunError',
-  'dataset_yaml',
-  'detector',
-  'evaluate_split',
-  'load_splits',
-  'run',
-  'setup',
-]
-
-METRIC_LABELS = {'map50': 'mAP@0.5', 'map50_95': 'mAP@0.5:0.95'}
+__all__ = ['Result', 'RunError', 'run', 'setup']
 
 
 @dataclasses.dataclass
@@ -81,9 +67,9 @@ class Result:
   """What :func:`run` returns.
 
   Attributes:
-    state: the final :class:`reorg_jax.train.TrainState`.
+    state: the final :class:`reorg_jax.training.step.TrainState`.
     model: the network it is the state of (e.g. for
-      :func:`reorg_jax.convert.export_state_dict`).
+      :func:`reorg_jax.models.convert.export_state_dict`).
     steps: steps done (``g``) at the end.
     epochs: the ``results.csv`` rows (one per evaluated epoch).
     best: ``(epoch, value)`` of the best validation metric, or ``None``.
@@ -98,106 +84,6 @@ class Result:
   best_metric: str
 
 
-@dataclasses.dataclass
-class Run:
-  """The pieces of a training run, built once by :func:`setup`.
-
-  Attributes:
-    config: the resolved configuration.
-    train_data: the train split.
-    val_data: the validation split.
-    feed: training batches (the run's seed and augmentation, full batches).
-    val_feed: validation batches (letterboxed, every image once).
-    model: the network, with the dataset's ``C`` classes.
-    schedule: epochs, batch size, steps per epoch and recipe.
-    loss_config: the loss with the run's gains scaled for ``S``.
-    train_setup: the static parts of the step.
-    state: the initial state (``jax.random.key(seed)``), replicated on the
-      devices; the first step of :func:`run` donates (deletes) it.
-    state_sharding: the state's placement (:func:`reorg_jax.train.data_parallel`).
-    batch_sharding: a batch's placement, split along ``B``.
-    step_fn: the jitted step (state donated).
-    total_steps: steps the run trains: all epochs, or ``train.max_steps`` if fewer.
-  """
-
-  config: dict[str, Any]
-  train_data: dataset.YoloDataset
-  val_data: dataset.YoloDataset
-  feed: loader.BatchLoader
-  val_feed: loader.BatchLoader
-  model: yolo.YOLO
-  schedule: optim.Schedule
-  loss_config: reorg_jax.LossConfig
-  train_setup: train_lib.TrainSetup
-  state: train_lib.TrainState
-  state_sharding: Any
-  batch_sharding: NamedSharding
-  step_fn: Callable[..., tuple[train_lib.TrainState, dict[str, jax.Array]]]
-  total_steps: int
-
-  @property
-  def num_classes(self) -> int:
-    """``C``."""
-    return self.train_data.num_classes
-
-  def close(self) -> None:
-    """Stops the loaders' threads."""
-    self.feed.close()
-    self.val_feed.close()
-
-
-def dataset_yaml(config: dict[str, Any], *, workdir: Path) -> Path:
-  """The dataset YAML of the run; writes the synthetic dataset first when needed.
-
-  The synthetic dataset goes to ``<workdir>/data`` through a temporary
-  directory renamed at the end, so an interrupted write is redone.
-  """
-  if config['data']['yaml'] is not None:
-    return Path(config['data']['yaml'])
-  root = workdir / 'data'
-  if jax.process_count() > 1:  # the first process writes, the others wait for it
-    if jax.process_index() == 0:
-      _write_synthetic(config, workdir=workdir)
-    multihost_utils.sync_global_devices('synthetic dataset written')
-  else:
-    _write_synthetic(config, workdir=workdir)
-  return root / 'data.yaml'
-
-
-def _write_synthetic(config: dict[str, Any], *, workdir: Path) -> None:
-  root = workdir / 'data'
-  if not (root / 'data.yaml').is_file():
-    partial = workdir / 'data.partial'
-    shutil.rmtree(partial, ignore_errors=True)
-    spec = config['synthetic']
-    synthetic.write_dataset(
-      partial,
-      num_train=spec['num_train'],
-      num_val=spec['num_val'],
-      image_size=spec['image_size'],
-      seed=spec['seed'],
-      polygons=spec['polygons'],
-    )
-    shutil.rmtree(root, ignore_errors=True)
-    partial.rename(root)
-
-
-def load_splits(
-  config: dict[str, Any], data_path: Path
-) -> tuple[dataset.YoloDataset, dataset.YoloDataset]:
-  """The train and val splits, checked to fill at least one training batch."""
-  strict = config['data']['strict']
-  train_data = dataset.load_dataset(data_path, split='train', strict=strict)
-  val_data = dataset.load_dataset(data_path, split='val', strict=strict)
-  batch = config['train']['batch_size']
-  if len(train_data) < batch:
-    raise config_lib.ConfigError(
-      f'{data_path}: the train split has {len(train_data)} images, fewer than '
-      f'train.batch_size = {batch} (every batch is full); lower train.batch_size'
-    )
-  return train_data, val_data
-
-
 def setup(
   config: dict[str, Any],
   *,
@@ -208,8 +94,9 @@ def setup(
 
   Args:
     config: the resolved configuration (:func:`train.config.load`).
-    data_path: the dataset YAML (:func:`dataset_yaml`).
-    splits: the splits of ``data_path`` if already loaded (:func:`load_splits`).
+    data_path: the dataset YAML (:func:`train.pieces.dataset_yaml`).
+    splits: the splits of ``data_path`` if already loaded
+      (:func:`train.pieces.load_splits`).
 
   Raises:
     RunError: a batch size is not a multiple of the device count.
@@ -263,7 +150,7 @@ def setup(
       num_classes=train_data.num_classes,
       anchors=model.anchors,
       strides=model.strides,
-      balance=reorg_jax.config.upstream_balance(len(model.strides)),
+      balance=reorg_jax.loss.upstream_balance(len(model.strides)),
       **config['loss'],
     ),
     image_size=size,
@@ -300,74 +187,6 @@ def setup(
   )
 
 
-def evaluate_split(
-  detect: Callable[[np.ndarray], Detections],
-  feed: loader.BatchLoader,
-  *,
-  num_classes: int,
-  max_detections: int,
-) -> dict[str, float]:
-  """COCO metrics (see :mod:`reorg_jax.evaluate`) of ``detect`` on every image of ``feed``.
-
-  Args:
-    detect: ``[B, S, S, 3]`` uint8 letterboxed images to host
-      :class:`reorg_jax.inference.Detections` with ``max_detections`` rows
-      per image, boxes in that frame (:func:`detector` for our model).
-    feed: the validation batches.
-    num_classes: ``C``.
-    max_detections: detections kept per image.
-  """
-  scorer = evaluate.DetectionEvaluator(num_classes=num_classes, max_detections=max_detections)
-  size = feed.image_size
-  with prefetch.Prefetcher(feed.epoch(0), buffer_size=2) as batches:
-    for batch in batches:
-      detections = detect(batch.images)
-      scorer.add_batch(
-        boxes=detections.boxes,
-        scores=detections.scores,
-        classes=detections.classes,
-        valid=detections.valid,
-        targets=batch.targets,
-        image_hw=(size, size),
-        real=batch.real,
-      )
-  return scorer.compute()
-
-
-def detector(
-  model: yolo.YOLO,
-  variables: dict[str, Any],
-  *,
-  batch_sharding: NamedSharding,
-  score_threshold: float,
-  iou_threshold: float,
-  max_detections: int,
-  max_candidates: int,
-) -> Callable[[np.ndarray], Detections]:
-  """``detect`` for :func:`evaluate_split`: ``variables`` of ``model`` through :func:`predict`.
-
-  Images are split along ``B`` over the devices; with several processes the
-  detections are gathered from all of them.
-  """
-
-  def detect(images: np.ndarray) -> Detections:
-    placed = train_lib.place(images, batch_sharding)
-    detections = predict(
-      model,
-      variables,
-      placed.astype(jnp.float32) / 255.0,
-      max_detections=max_detections,
-      max_candidates=max_candidates,
-      score_threshold=score_threshold,
-      iou_threshold=iou_threshold,
-    )
-    if jax.process_count() > 1:
-      return multihost_utils.process_allgather(detections, tiled=True)
-    return jax.device_get(detections)
-
-  return detect
-
-
 def run(config: dict[str, Any], *, workdir: str | Path, resume: bool) -> Result:
   """Trains as ``config`` says, writing everything under ``workdir``.
 
@@ -379,9 +198,9 @@ def run(config: dict[str, Any], *, workdir: str | Path, resume: bool) -> Result:
       checkpoints is an error.
 
   Raises:
-    reorg_jax.train.NonFiniteError: a step's loss or gradient was not
+    reorg_jax.training.step.NonFiniteError: a step's loss or gradient was not
       finite (nothing from that step is saved).
-    reorg_jax.dataset.YoloDatasetError: malformed dataset (file and line named).
+    reorg_jax.data.dataset.YoloDatasetError: malformed dataset (file and line named).
     train.config.ConfigError: unusable options, model file or dataset size
       (raised before anything is written).
     RunError: the run directory is in use by another run, holds another run,
@@ -408,26 +227,6 @@ def run(config: dict[str, Any], *, workdir: str | Path, resume: bool) -> Result:
 
 
 @dataclasses.dataclass
-class _Reports:
-  """Where a run records itself: tables, TensorBoard, the progress bar, checkpoints."""
-
-  steps: report.Table
-  epochs: report.Table
-  scalars: report.Scalars
-  progress: report.Progress
-  ckpt: checkpoint.Checkpoints
-  plots: bool
-  workdir: Path
-
-  def close(self) -> None:
-    self.progress.end_epoch()
-    try:
-      self.ckpt.close()
-    finally:
-      self.scalars.close()
-
-
-@dataclasses.dataclass
 class _Pending:
   """Steps dispatched whose metrics are still on the devices.
 
@@ -439,11 +238,11 @@ class _Pending:
   steps: list[tuple[int, int, float]] = dataclasses.field(default_factory=list)
   metrics: list[dict[str, jax.Array]] = dataclasses.field(default_factory=list)
 
-  def fetch(self, reports: _Reports) -> dict[str, float]:
+  def fetch(self, reports: Reports) -> dict[str, float]:
     """One transfer of every pending step's metrics: checked in order, then recorded.
 
     Returns the last step's values. Raises
-    :class:`reorg_jax.train.NonFiniteError` at the first non-finite step
+    :class:`reorg_jax.training.step.NonFiniteError` at the first non-finite step
     (the steps before it are recorded).
     """
     fetched = jax.device_get(self.metrics)
@@ -451,7 +250,7 @@ class _Pending:
     try:
       for (g, epoch, lr), metrics in zip(self.steps, fetched, strict=True):
         train_lib.check_finite(metrics, step=g)
-        values = {k: float(metrics[name]) for k, name in _LOGGED.items()}
+        values = {k: float(metrics[name]) for k, name in report.LOSS_COLUMNS.items()}
         values['lr'] = lr
         rows.append({'step': g, 'epoch': epoch, **values})
         reports.scalars.add(values, step=g, prefix='train')
@@ -462,13 +261,10 @@ class _Pending:
     return rows[-1]
 
 
-_LOGGED = {'loss': 'total', 'box': 'box', 'obj': 'obj', 'cls': 'cls'}
-
-
 def _train(pieces: Run, *, workdir: Path, resume: bool) -> Result:
   """:func:`run` once the run directory is locked and checked."""
   config = pieces.config
-  primary = jax.process_index() == 0  # the process that writes and prints
+  is_main_process = jax.process_index() == 0  # the process that writes and prints
   tcfg, ccfg, lcfg = config['train'], config['checkpoint'], config['log']
   state, total, spe = pieces.state, pieces.total_steps, pieces.feed.steps_per_epoch
   ckpt = checkpoint.Checkpoints(
@@ -479,43 +275,43 @@ def _train(pieces: Run, *, workdir: Path, resume: bool) -> Result:
   if resume:
     try:
       restored = ckpt.restore_latest(like=state)
-    except checkpoint.CheckpointError as error:
+    except integrity.CheckpointError as error:
       ckpt.close()
       raise RunError(f'cannot resume: {error}') from None
     if restored is not None:
       state, start, skipped = restored.state, int(restored.state.step), restored.skipped
 
-  reports = _Reports(
+  reports = Reports(
     steps=report.Table(
       workdir / 'steps.csv',
       columns=report.STEP_COLUMNS,
       keep_below=start,
       key='step',
-      writable=primary,
+      writable=is_main_process,
     ),
     epochs=report.Table(
       workdir / 'results.csv',
       columns=report.EPOCH_COLUMNS,
       keep_below=start + 1,
       key='step',
-      writable=primary,
+      writable=is_main_process,
     ),
     scalars=report.Scalars(
-      workdir / 'tensorboard' if lcfg['tensorboard'] and primary else None,
+      workdir / 'tensorboard' if lcfg['tensorboard'] and is_main_process else None,
       purge_step=start if resume else None,
     ),
     progress=report.Progress(
       enabled=lcfg['progress'],
       total_steps=total,
       batch_size=tcfg['batch_size'],
-      silent=not primary,
+      silent=not is_main_process,
     ),
     ckpt=ckpt,
-    plots=lcfg['plots'] and primary,
+    plots=lcfg['plots'] and is_main_process,
     workdir=workdir,
   )
   progress = reports.progress
-  if primary:
+  if is_main_process:
     if skipped:
       progress.write(
         f'resuming from step {start}, skipping damaged checkpoints: ' + '; '.join(skipped)
@@ -567,7 +363,7 @@ def _train(pieces: Run, *, workdir: Path, resume: bool) -> Result:
           tick, ticked = now, g
           if epoch_done:
             progress.end_epoch()
-            _end_epoch(
+            evaluation.end_epoch(
               pieces,
               state,
               reports,
@@ -585,13 +381,13 @@ def _train(pieces: Run, *, workdir: Path, resume: bool) -> Result:
     reports.close()
 
   metric_name = ccfg['best_metric']
-  best = _best(reports.epochs.rows, metric_name)
-  if primary:
+  best = evaluation.best_epoch(reports.epochs.rows, metric_name)
+  if is_main_process:
     if best is None:
       line = f'done: {g} steps; no epoch was evaluated'
     else:
       line = (
-        f'done: {g} steps; best {METRIC_LABELS[metric_name]} {best[1]:.4f} at epoch '
+        f'done: {g} steps; best {evaluation.METRIC_LABELS[metric_name]} {best[1]:.4f} at epoch '
         f'{best[0] + 1} (best checkpoint in {workdir / "checkpoints" / "best"})'
       )
     print(line, flush=True)
@@ -603,72 +399,3 @@ def _train(pieces: Run, *, workdir: Path, resume: bool) -> Result:
     best=best,
     best_metric=metric_name,
   )
-
-
-def _best(rows: list[dict[str, float]], metric: str) -> tuple[int, float] | None:
-  scored = [(r[metric], -r['epoch']) for r in rows if np.isfinite(r[metric])]
-  if not scored:
-    return None
-  value, negative_epoch = max(scored)
-  return int(-negative_epoch), float(value)
-
-
-def _epoch_means(rows: list[dict[str, float]], epoch: int) -> dict[str, float]:
-  chosen = [r for r in rows if r['epoch'] == epoch]
-  return {k: float(np.mean([r[k] for r in chosen])) for k in _LOGGED}
-
-
-def _end_epoch(
-  pieces: Run,
-  state: train_lib.TrainState,
-  reports: _Reports,
-  *,
-  epoch: int,
-  g: int,
-  lr: float,
-  seconds: float,
-) -> None:
-  """Validates the EMA weights, writes the epoch's row, plots and best checkpoint."""
-  ecfg, metric_name = pieces.config['eval'], pieces.config['checkpoint']['best_metric']
-  started = time.perf_counter()
-  detect = detector(
-    pieces.model,
-    state.variables(use_ema=True),
-    batch_sharding=pieces.batch_sharding,
-    score_threshold=ecfg['score_threshold'],
-    iou_threshold=ecfg['iou_threshold'],
-    max_detections=ecfg['max_detections'],
-    max_candidates=ecfg['max_candidates'],
-  )
-  metrics = evaluate_split(
-    detect,
-    pieces.val_feed,
-    num_classes=pieces.num_classes,
-    max_detections=ecfg['max_detections'],
-  )
-  eval_seconds = time.perf_counter() - started
-  losses = _epoch_means(reports.steps.rows, epoch)
-  row = {
-    'epoch': epoch,
-    'step': g,
-    **losses,
-    **{k: metrics[k] for k in ('precision', 'recall', 'map50', 'map50_95')},
-    'lr': lr,
-    'seconds': seconds,
-  }
-  reports.epochs.append(row)
-  reports.scalars.add(
-    {k: row[k] for k in ('precision', 'recall', 'map50', 'map50_95')}, step=g, prefix='val'
-  )
-  reports.scalars.add(losses, step=g, prefix='epoch')
-  if reports.plots:
-    report.plot_epochs(reports.epochs.rows, reports.workdir)
-  reports.progress.write(
-    f'epoch {epoch + 1}/{pieces.schedule.epochs}: loss {losses["loss"]:.4f} '
-    f'(box {losses["box"]:.4f} obj {losses["obj"]:.4f} cls {losses["cls"]:.4f})  '
-    f'P {row["precision"]:.3f} R {row["recall"]:.3f}  mAP@0.5 {row["map50"]:.4f}  '
-    f'mAP@0.5:0.95 {row["map50_95"]:.4f}  [train {seconds:.0f}s, eval {eval_seconds:.0f}s]'
-  )
-  value = row[metric_name]
-  if np.isfinite(value):
-    reports.ckpt.save_best(g, state, metric=value, metadata={'epoch': epoch, metric_name: value})

@@ -26,6 +26,15 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+__all__ = [
+  'OVERRIDES',
+  'compile_cache_dir',
+  'initialize_distributed',
+  'main',
+  'parse_args',
+  'use_compile_cache',
+]
+
 # Flag -> dotted option it overrides.
 OVERRIDES = {
   'epochs': 'train.epochs',
@@ -85,7 +94,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   parser.add_argument(
     '--num-processes', type=int, help='with --distributed: the number of processes'
   )
-  parser.add_argument('--process-id', type=int, help='with --distributed: this process, 0..N-1')
+  parser.add_argument(
+    '--process-id', type=int, help='with --distributed: this process, 0 to the process count - 1'
+  )
   args = parser.parse_args(argv)
   explicit = [args.coordinator, args.num_processes, args.process_id]
   if any(v is not None for v in explicit):
@@ -189,8 +200,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   if args.distributed:
     initialize_distributed(args)
 
-  from reorg_jax.dataset import DatasetError
-  from reorg_jax.train import NonFiniteError
+  from reorg_jax.data.dataset import DatasetError
+  from reorg_jax.training.step import NonFiniteError
   from train import config as config_lib
   from train import loop
 

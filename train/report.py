@@ -22,6 +22,17 @@ import os
 from pathlib import Path
 from typing import Any
 
+__all__ = [
+  'EPOCH_COLUMNS',
+  'LOSS_COLUMNS',
+  'STEP_COLUMNS',
+  'Progress',
+  'Scalars',
+  'Table',
+  'plot_epochs',
+  'read_rows',
+]
+
 STEP_COLUMNS = ('step', 'epoch', 'loss', 'box', 'obj', 'cls', 'lr')
 EPOCH_COLUMNS = (
   'epoch',
@@ -37,6 +48,10 @@ EPOCH_COLUMNS = (
   'lr',
   'seconds',
 )
+
+
+# The loss columns of ``steps.csv`` -> the train step's metric each one records.
+LOSS_COLUMNS = {'loss': 'total', 'box': 'box', 'obj': 'obj', 'cls': 'cls'}
 
 
 def read_rows(path: str | os.PathLike) -> list[dict[str, float]]:

@@ -20,7 +20,7 @@ from typing import Any
 
 import jax
 
-from reorg_jax import checkpoint
+from reorg_jax.training import checkpoint, integrity
 from train import config as config_lib
 
 __all__ = ['RunError', 'RunLock', 'check_workdir', 'lock_path', 'newest_complete', 'write_failure']
@@ -112,7 +112,7 @@ def newest_complete(workdir: Path) -> str:
 
 def write_failure(error: OSError, workdir: Path) -> RunError:
   """One line for a failed write: the path, the reason and the checkpoint to resume from."""
-  if isinstance(error, checkpoint.CheckpointWriteError):
+  if isinstance(error, integrity.CheckpointWriteError):
     return RunError(f'{error.strerror or error}; resume with --resume once the disk has room')
   path = error.filename or workdir
   reason = error.strerror or str(error)

@@ -32,8 +32,8 @@ from typing import Any
 import flax.linen as nn
 import yaml
 
-from reorg_jax import layers
-from reorg_jax.detect import IAuxDetect
+from reorg_jax.models import layers
+from reorg_jax.models.detect import IAuxDetect
 
 try:
   from importlib.resources.abc import Traversable

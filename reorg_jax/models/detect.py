@@ -1,16 +1,16 @@
 """The IAuxDetect head: lead and auxiliary predictions per level, decoding, fusing.
 
 Glossary: ``B`` batch, ``L`` levels, ``A`` anchors per level, ``C`` classes,
-``K = 5 + C`` values per anchor (``x, y, w, h, objectness, C class logits``),
-``H_l``/``W_l`` grid size of level ``l``, ``D_l`` input channels of level
-``l``, ``N = A * sum_l H_l * W_l`` decoded boxes per image.
+``F = 5 + C`` features of a head row (``x, y, w, h, objectness, C class
+logits``), ``H_l``/``W_l`` grid of level ``l``, ``I_l`` input channels of
+level ``l``, ``R = A * sum_l H_l * W_l`` decoded rows (boxes) per image.
 
 The head receives ``2L`` feature maps: ``L`` for the lead head then ``L`` for
 the auxiliary head, level ``l`` of both at the same resolution. Per level, the
 lead head is ``ImplicitA -> 1x1 conv -> ImplicitM`` (variables ``ia_l``,
 ``m_l``, ``im_l``), the auxiliary head a plain ``1x1`` conv (``m2_l``). Both
-map to ``A * K`` channels, read as ``A`` groups of ``K`` (anchor-major, like
-the original), and are returned as ``[B, A, H_l, W_l, K]`` raw logits.
+map to ``A * F`` channels, read as ``A`` groups of ``F`` (anchor-major, like
+the original), and are returned as ``[B, A, H_l, W_l, F]`` raw logits.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from reorg_jax.layers import ImplicitA, ImplicitM, torch_default_init
+from reorg_jax.models.layers import ImplicitA, ImplicitM, torch_default_init
 
 __all__ = ['IAuxDetect', 'decode', 'fuse_implicit', 'head_bias_prior']
 
@@ -30,7 +30,7 @@ Anchors = tuple[tuple[tuple[float, float], ...], ...]
 
 
 def head_bias_prior(*, stride: float, num_anchors: int, num_classes: int) -> jax.Array:
-  """Initial bias offsets of a detection conv: ``[A * K]``.
+  """Initial bias offsets of a detection conv: ``[A * F]``.
 
   Objectness starts at ``log(8 / (640 / stride)^2)`` (about eight objects in a
   640x640 image) and every class logit at ``log(0.6 / (C - 0.99))``; box terms
@@ -40,8 +40,8 @@ def head_bias_prior(*, stride: float, num_anchors: int, num_classes: int) -> jax
   classes = math.log(0.6 / (num_classes - 0.99))
   per_anchor = jnp.concatenate(
     [jnp.zeros(4), jnp.full(1, objectness), jnp.full(num_classes, classes)]
-  )  # [K]
-  return jnp.tile(per_anchor, num_anchors)  # [A * K]
+  )  # [F]
+  return jnp.tile(per_anchor, num_anchors)  # [A * F]
 
 
 def _prior_bias_init(*, fan_in: int, prior: jax.Array) -> nn.initializers.Initializer:
@@ -54,10 +54,10 @@ def _prior_bias_init(*, fan_in: int, prior: jax.Array) -> nn.initializers.Initia
 
 
 def _split_anchors(x: jax.Array, num_anchors: int) -> jax.Array:
-  """``[B, H, W, A * K] -> [B, A, H, W, K]``."""
+  """``[B, H_l, W_l, A * F] -> [B, A, H_l, W_l, F]``."""
   batch, height, width, channels = x.shape
-  x = x.reshape(batch, height, width, num_anchors, channels // num_anchors)  # [B, H, W, A, K]
-  return x.transpose(0, 3, 1, 2, 4)  # [B, A, H, W, K]
+  x = x.reshape(batch, height, width, num_anchors, channels // num_anchors)  # [B, H_l, W_l, A, F]
+  return x.transpose(0, 3, 1, 2, 4)  # [B, A, H_l, W_l, F]
 
 
 def decode(
@@ -66,12 +66,12 @@ def decode(
   """Turns raw lead outputs into pixel boxes and probabilities.
 
   Args:
-    outputs: ``L`` raw head outputs, each ``[B, A, H_l, W_l, K]``.
+    outputs: ``L`` raw head outputs, each ``[B, A, H_l, W_l, F]``.
     anchors: per level, ``A`` anchor ``(width, height)`` pairs in pixels.
     strides: per level, pixels per grid cell.
 
   Returns:
-    ``[B, N, K]``: box centre ``x, y`` and size ``w, h`` in input pixels, then
+    ``[B, R, F]``: box centre ``x, y`` and size ``w, h`` in input pixels, then
     objectness and class probabilities (sigmoids), levels in order and, within
     a level, ordered by anchor, row, column.
   """
@@ -100,12 +100,12 @@ class IAuxDetect(nn.Module):
   """Lead and auxiliary detection head over ``L`` levels.
 
   Call with ``2L`` feature maps (lead levels, then auxiliary levels), each
-  ``[B, H_l, W_l, D]``.
+  ``[B, H_l, W_l, I_l]``.
 
   * ``train=True``: a tuple of ``2L`` raw outputs, ``L`` lead then ``L``
-    auxiliary, each ``[B, A, H_l, W_l, K]``.
+    auxiliary, each ``[B, A, H_l, W_l, F]``.
   * ``train=False``: the auxiliary convs are not run (they are still created by
-    ``init``); returns the decoded lead outputs ``[B, N, K]`` (see
+    ``init``); returns the decoded lead outputs ``[B, R, F]`` (see
     :func:`decode`).
 
   Attributes:
@@ -140,7 +140,7 @@ class IAuxDetect(nn.Module):
       bias_init=_prior_bias_init(fan_in=x.shape[-1], prior=prior),
       name=name,
     )
-    return conv(x)  # [B, H, W, A * K]
+    return conv(x)  # [B, H_l, W_l, A * F]
 
   @nn.compact
   def __call__(
@@ -159,12 +159,12 @@ class IAuxDetect(nn.Module):
       x = features[level]
       if not self.fused:
         x = ImplicitA(name=f'ia_{level}')(x)
-      x = self._conv(x, level=level, name=f'm_{level}')  # [B, H, W, A * K]
+      x = self._conv(x, level=level, name=f'm_{level}')  # [B, H_l, W_l, A * F]
       if not self.fused:
         x = ImplicitM(name=f'im_{level}')(x)
-      lead.append(_split_anchors(x, self.num_anchors))  # [B, A, H, W, K]
+      lead.append(_split_anchors(x, self.num_anchors))  # [B, A, H_l, W_l, F]
     if not (train or self.is_initializing()):
-      return decode(lead, anchors=self.anchors, strides=self.strides)  # [B, N, K]
+      return decode(lead, anchors=self.anchors, strides=self.strides)  # [B, R, F]
     aux = []
     for level in range(levels):
       lead_shape, aux_shape = features[level].shape[:3], features[levels + level].shape[:3]
@@ -174,9 +174,9 @@ class IAuxDetect(nn.Module):
           f'are {aux_shape}'
         )
       x = self._conv(features[levels + level], level=level, name=f'm2_{level}')
-      aux.append(_split_anchors(x, self.num_anchors))  # [B, A, H, W, K]
+      aux.append(_split_anchors(x, self.num_anchors))  # [B, A, H_l, W_l, F]
     if not train:
-      return decode(lead, anchors=self.anchors, strides=self.strides)  # [B, N, K]
+      return decode(lead, anchors=self.anchors, strides=self.strides)  # [B, R, F]
     return (*lead, *aux)
 
 
@@ -188,7 +188,7 @@ def fuse_implicit(head_params: dict, *, num_levels: int) -> dict:
 
   Args:
     head_params: ``IAuxDetect`` parameters with ``ia_l``, ``m_l``, ``im_l``,
-      ``m2_l`` for every level ``l`` (conv ``kernel`` ``[1, 1, D_l, A*K]``).
+      ``m2_l`` for every level ``l`` (conv ``kernel`` ``[1, 1, I_l, A * F]``).
     num_levels: ``L``.
 
   Returns:
@@ -202,10 +202,10 @@ def fuse_implicit(head_params: dict, *, num_levels: int) -> dict:
   fused = {}
   for level in range(num_levels):
     conv = head_params[f'm_{level}']
-    offset = head_params[f'ia_{level}']['implicit']  # [D]
-    scale = head_params[f'im_{level}']['implicit']  # [A * K]
-    kernel = conv['kernel']  # [1, 1, D, A * K]
-    bias = conv['bias'] + offset @ kernel[0, 0]  # [A * K]
+    offset = head_params[f'ia_{level}']['implicit']  # [I_l]
+    scale = head_params[f'im_{level}']['implicit']  # [A * F]
+    kernel = conv['kernel']  # [1, 1, I_l, A * F]
+    bias = conv['bias'] + offset @ kernel[0, 0]  # [A * F]
     fused[f'm_{level}'] = {'kernel': kernel * scale, 'bias': bias * scale}
     fused[f'm2_{level}'] = head_params[f'm2_{level}']
   return fused

@@ -2,14 +2,14 @@
 
 Glossary: ``B`` batch, ``L`` levels, ``A`` anchors per level, ``M`` max boxes,
 ``K`` candidate slots per image (``K = L * 5 * A * M``, ``S = K / L`` per
-level), ``N`` packed places (:mod:`reorg_jax.compact`), ``C`` classes,
+level), ``N`` packed places (:mod:`reorg_jax.loss._packed`), ``C`` classes,
 ``F = 5 + C``, ``H_l``/``W_l`` the grid of level ``l``.
 
 The objective has two heads. Both are trained on targets chosen with the
 *lead* head's predictions: the lead head on the fine assignment (centre cell
 plus the two nearest neighbours), the auxiliary head on the coarse one
 (centre plus four neighbours), each filtered by SimOTA
-(:func:`reorg_jax.assigner.assign`). Per level ``l`` and head:
+(:func:`reorg_jax.loss._assign.assign`). Per level ``l`` and head:
 
 * box: mean over positives of ``1 - CIoU(pred, box)`` in grid units;
 * objectness: BCE of every cell's objectness logit against
@@ -24,7 +24,7 @@ total by the batch size, as upstream does.
 
 How it is computed: the batch is cut into ``LossConfig.batch_groups`` image
 groups; in each, the assignment runs on packed live slots
-(:mod:`reorg_jax.compact`), and so do the box and class terms, summed per
+(:mod:`reorg_jax.loss._packed`), and so do the box and class terms, summed per
 level. The per-level means are taken over the whole batch. The objectness
 BCE is split as ``BCE(x, t) = softplus(x) + t * ((pw - 1) * softplus(-x) - x)``:
 a dense sum of ``softplus`` over every cell, plus a correction at the
@@ -40,9 +40,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from reorg_jax import assigner, compact
 from reorg_jax import boxes as box_lib
-from reorg_jax.config import LossConfig
+from reorg_jax.loss import _assign as assigner
+from reorg_jax.loss import _packed as compact
+from reorg_jax.loss._config import LossConfig
 from reorg_jax.targets import Targets
 
 

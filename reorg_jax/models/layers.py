@@ -1,7 +1,7 @@
 """Building blocks of the YOLOv7 P6 family, as Flax Linen modules in NHWC.
 
-Glossary: ``B`` batch, ``H``/``W`` feature height/width, ``C`` input channels,
-``F`` output channels (``features``), ``k`` kernel size, ``s`` stride.
+Glossary: ``B`` batch, ``H``/``W`` feature height/width, ``I`` input channels,
+``O`` output channels (``features``), ``k`` kernel size, ``s`` stride.
 
 Every module here is a pure Linen module (``init``/``apply``). Modules with
 batch normalisation take a keyword-only ``train`` flag: ``True`` normalises with
@@ -32,7 +32,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from reorg_jax.reorg import ReOrg
+from reorg_jax.models.reorg import ReOrg
 
 __all__ = [
   'BatchNorm',
@@ -61,7 +61,7 @@ def _symmetric_padding(amount: int) -> tuple[tuple[int, int], tuple[int, int]]:
 class BatchNorm(nn.Module):
   """Batch normalisation over all axes but the last, with PyTorch's statistics.
 
-  ``[B, H, W, C] -> [B, H, W, C]``. Variables have Flax's usual names:
+  ``[B, H, W, I] -> [B, H, W, I]``. Variables have Flax's usual names:
   ``params/scale``, ``params/bias``, ``batch_stats/mean``, ``batch_stats/var``.
 
   Attributes:
@@ -114,15 +114,15 @@ class BatchNorm(nn.Module):
 class Conv(nn.Module):
   """Convolution without bias, batch normalisation, then SiLU.
 
-  ``[B, H, W, C] -> [B, ceil(H/s), ceil(W/s), F]`` for odd ``k`` with the
+  ``[B, H, W, I] -> [B, ceil(H/s), ceil(W/s), O]`` for odd ``k`` with the
   default padding.
 
   Attributes:
-    features: output channels ``F``.
+    features: output channels ``O``.
     kernel_size: square kernel size ``k``.
     strides: stride ``s`` in both directions.
     padding: zero padding on every side; ``None`` pads ``k // 2``.
-    groups: feature groups (``C`` and ``F`` must be divisible by it).
+    groups: feature groups (``I`` and ``O`` must be divisible by it).
     activation: apply SiLU after normalisation.
   """
 
@@ -151,13 +151,16 @@ class Conv(nn.Module):
 
 
 def _implicit(module: nn.Module, *, channels: int, mean: float, std: float) -> jax.Array:
-  """The ``[C]`` parameter ``implicit`` of an implicit layer, initialised ``N(mean, std)``."""
+  """The ``[I]`` parameter ``implicit`` of an implicit layer, drawn from ``normal(mean, std)``."""
   init = nn.initializers.normal(std)
   return module.param('implicit', lambda key, shape: mean + init(key, shape), (channels,))
 
 
 class ImplicitA(nn.Module):
-  """Learned per-channel offset: ``[B, H, W, C] -> x + implicit``, ``implicit ~ N(mean, std)``."""
+  """Learned per-channel offset: ``[B, H, W, I] -> x + implicit``.
+
+  ``implicit`` (``[I]``) starts from ``normal(mean, std)``.
+  """
 
   mean: float = 0.0
   std: float = 0.02
@@ -168,7 +171,10 @@ class ImplicitA(nn.Module):
 
 
 class ImplicitM(nn.Module):
-  """Learned per-channel scale: ``[B, H, W, C] -> x * implicit``, ``implicit ~ N(mean, std)``."""
+  """Learned per-channel scale: ``[B, H, W, I] -> x * implicit``.
+
+  ``implicit`` (``[I]``) starts from ``normal(mean, std)``.
+  """
 
   mean: float = 1.0
   std: float = 0.02
@@ -179,7 +185,7 @@ class ImplicitM(nn.Module):
 
 
 class MaxPool(nn.Module):
-  """Square max-pooling, ``-inf`` padding: ``[B, H, W, C] -> [B, H', W', C]``.
+  """Square max-pooling, ``-inf`` padding: ``[B, H, W, I] -> [B, H', W', I]``.
 
   ``H' = floor((H + 2 * padding - window) / strides) + 1``, likewise ``W'``.
   """
@@ -198,24 +204,24 @@ class MaxPool(nn.Module):
 
 
 class Upsample(nn.Module):
-  """Nearest-neighbour upsampling by an integer factor: ``[B, H, W, C] -> [B, sH, sW, C]``."""
+  """Nearest-neighbour upsampling by an integer factor: ``[B, H, W, I] -> [B, sH, sW, I]``."""
 
   scale: int
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    x = jnp.repeat(x, self.scale, axis=1)  # [B, sH, W, C]
-    return jnp.repeat(x, self.scale, axis=2)  # [B, sH, sW, C]
+    x = jnp.repeat(x, self.scale, axis=1)  # [B, sH, W, I]
+    return jnp.repeat(x, self.scale, axis=2)  # [B, sH, sW, I]
 
 
 class Concat(nn.Module):
-  """Channel concatenation: ``[[B, H, W, C_i]] -> [B, H, W, sum C_i]``."""
+  """Channel concatenation: ``[[B, H, W, I_j]] -> [B, H, W, sum_j I_j]``."""
 
   def __call__(self, xs: Sequence[jax.Array]) -> jax.Array:
     return jnp.concatenate(list(xs), axis=-1)
 
 
 class Shortcut(nn.Module):
-  """Sum of two equally shaped tensors: ``([B, H, W, C], [B, H, W, C]) -> [B, H, W, C]``."""
+  """Sum of two equally shaped tensors: ``([B, H, W, I], [B, H, W, I]) -> [B, H, W, I]``."""
 
   def __call__(self, xs: Sequence[jax.Array]) -> jax.Array:
     if len(xs) != 2:
@@ -229,12 +235,12 @@ class Shortcut(nn.Module):
 class DownC(nn.Module):
   """Downsampling by ``s`` along two paths, concatenated.
 
-  ``[B, H, W, C] -> [B, H/s, W/s, F]``: a ``1x1`` conv keeping ``C`` channels
-  then a ``3x3`` stride-``s`` conv to ``F/2`` (``cv1``, ``cv2``), next to an
-  ``s x s`` max-pool followed by a ``1x1`` conv to ``F/2`` (``cv3``).
+  ``[B, H, W, I] -> [B, H/s, W/s, O]``: a ``1x1`` conv keeping ``I`` channels
+  then a ``3x3`` stride-``s`` conv to ``O/2`` (``cv1``, ``cv2``), next to an
+  ``s x s`` max-pool followed by a ``1x1`` conv to ``O/2`` (``cv3``).
 
   Attributes:
-    features: output channels ``F`` (even).
+    features: output channels ``O`` (even).
     strides: downsampling factor ``s``, also the pooling window.
   """
 
@@ -252,18 +258,19 @@ class DownC(nn.Module):
 
 
 class SPPCSPC(nn.Module):
-  """Spatial pyramid pooling in a cross-stage-partial block: ``[B, H, W, C] -> [B, H, W, F]``.
+  """Spatial pyramid pooling in a cross-stage-partial block: ``[B, H, W, I] -> [B, H, W, O]``.
 
-  With ``D = int(2 * F * expansion)`` hidden channels: one path runs
+  With ``hidden = int(2 * O * expansion)`` channels: one path runs
   ``cv1 (1x1) -> cv3 (3x3) -> cv4 (1x1)``, concatenates that with its stride-1
-  max-pools of every size in ``pool_sizes`` (``[B, H, W, (1 + P) * D]``), then
+  max-pools of every size in ``pool_sizes``
+  (``[B, H, W, (1 + len(pool_sizes)) * hidden]``), then
   ``cv5 (1x1) -> cv6 (3x3)``; the other path is ``cv2 (1x1)``; ``cv7 (1x1)``
   fuses both.
 
   Attributes:
-    features: output channels ``F``.
-    expansion: hidden width relative to ``2 * F``.
-    pool_sizes: odd max-pool windows ``P`` of the pyramid.
+    features: output channels ``O``.
+    expansion: hidden width relative to ``2 * O``.
+    pool_sizes: odd max-pool windows of the pyramid.
   """
 
   features: int
@@ -277,9 +284,10 @@ class SPPCSPC(nn.Module):
     pyramid = Conv(hidden, 3, 1, name='cv3')(pyramid, train=train)
     pyramid = Conv(hidden, 1, 1, name='cv4')(pyramid, train=train)
     pooled = [MaxPool(size, 1, size // 2)(pyramid) for size in self.pool_sizes]
-    pyramid = jnp.concatenate([pyramid, *pooled], axis=-1)  # [B, H, W, (1 + P) * D]
+    # [B, H, W, (1 + len(pool_sizes)) * hidden]
+    pyramid = jnp.concatenate([pyramid, *pooled], axis=-1)
     pyramid = Conv(hidden, 1, 1, name='cv5')(pyramid, train=train)
     pyramid = Conv(hidden, 3, 1, name='cv6')(pyramid, train=train)
     bypass = Conv(hidden, 1, 1, name='cv2')(x, train=train)
-    fused = jnp.concatenate([pyramid, bypass], axis=-1)  # [B, H, W, 2D]
+    fused = jnp.concatenate([pyramid, bypass], axis=-1)  # [B, H, W, 2 * hidden]
     return Conv(self.features, 1, 1, name='cv7')(fused, train=train)

@@ -19,35 +19,29 @@ restored: opening the directory (unless ``read_only``) renames it to
 ``<step>.incomplete-<n>``, where orbax no longer sees it, and restoring skips
 it in any case.
 
-Integrity: orbax does not checksum array data, so each save records a
-SHA-256 digest of every leaf (:func:`digests`: dtype, shape and bytes) in
-``meta/``, which orbax writes before the commit marker. Restoring recomputes
-them and raises :class:`CheckpointError` naming the step and the first
-damaged leaf; a checkpoint orbax cannot read (a truncated array file, an
+Integrity (:mod:`reorg_jax.training.integrity`): each save records a SHA-256
+digest of every leaf in ``meta/``, which orbax writes before the commit
+marker. Restoring recomputes them and raises
+:class:`~reorg_jax.training.integrity.CheckpointError` naming the step and the
+first damaged leaf; a checkpoint orbax cannot read (a truncated array file, an
 emptied ``_METADATA``) raises it too. :meth:`Checkpoints.restore_latest`
 falls back to the newest checkpoint that verifies and reports the ones it
 skipped in :attr:`Restored.skipped`; a writable :class:`Checkpoints` then
 renames each skipped one to ``<step>.damaged-<n>`` (kept for inspection, out
 of orbax's sight, so the resumed run can write that step again).
 Checkpoints written without digests (by earlier versions) restore with a
-logged warning.
-
-Typed PRNG keys (``jax.random.key``) are stored as their key data
-(:func:`unwrap_keys`) and wrapped again on restore (:func:`wrap_keys`), with
-the implementation taken from the matching key in the ``like`` tree.
+logged warning. Typed PRNG keys are saved as their key data and come back as
+typed keys; a failed write raises
+:class:`~reorg_jax.training.integrity.CheckpointWriteError`.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import gc
-import hashlib
 import json
 import logging
-import os
 import pathlib
-import re
 import sys
 from typing import Any, Literal
 
@@ -55,185 +49,13 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-__all__ = [
-  'CheckpointError',
-  'CheckpointWriteError',
-  'Checkpoints',
-  'Restored',
-  'abstract_state',
-  'digests',
-  'unwrap_keys',
-  'wrap_keys',
-]
+from reorg_jax.training import integrity
+
+__all__ = ['Checkpoints', 'Restored']
 
 _log = logging.getLogger(__name__)
 
 PyTree = Any
-
-
-def _is_key(leaf: Any) -> bool:
-  """Whether ``leaf`` is (the shape of) a typed PRNG key array."""
-  dtype = getattr(leaf, 'dtype', None)
-  return dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
-
-
-def unwrap_keys(tree: PyTree) -> PyTree:
-  """Replaces typed PRNG key arrays by their raw data (``jax.random.key_data``).
-
-  A key array of shape ``[...]`` becomes ``uint32 [..., k]`` (``k = 2`` for
-  the default threefry keys); every other leaf is returned as is.
-  """
-  return jax.tree.map(lambda leaf: jax.random.key_data(leaf) if _is_key(leaf) else leaf, tree)
-
-
-def wrap_keys(tree: PyTree, *, like: PyTree) -> PyTree:
-  """Inverse of :func:`unwrap_keys`: wraps key data where ``like`` holds typed keys.
-
-  Args:
-    tree: the pytree with raw key data, structured like ``like``.
-    like: a pytree whose typed-key leaves are concrete keys (their
-      implementation, e.g. threefry or rbg, is read from them).
-
-  Raises:
-    TypeError: ``like`` holds an abstract key (``jax.ShapeDtypeStruct``),
-      whose implementation cannot be read.
-  """
-
-  def wrap(leaf: Any, reference: Any) -> Any:
-    if not _is_key(reference):
-      return leaf
-    if not isinstance(reference, jax.Array):
-      raise TypeError(
-        f'cannot restore a typed PRNG key from an abstract target {reference}; '
-        'pass a concrete key (e.g. jax.random.key(0)) in its place'
-      )
-    return jax.random.wrap_key_data(leaf, impl=jax.random.key_impl(reference))
-
-  return jax.tree.map(wrap, tree, like)
-
-
-def abstract_state(like: PyTree) -> PyTree:
-  """The restore target for a state shaped like ``like``, keys unwrapped.
-
-  ``jax.Array`` leaves become ``jax.ShapeDtypeStruct`` with their sharding
-  (restored onto the same devices); NumPy arrays become shape/dtype structs
-  without sharding (restored as NumPy); Python scalars and
-  ``ShapeDtypeStruct`` leaves stay as they are.
-  """
-  return jax.tree.map(ocp.utils.to_shape_dtype_struct, unwrap_keys(like))
-
-
-def _check_savable(state: PyTree) -> None:
-  """Raises ``ValueError`` for leaves orbax cannot save (zero-size arrays)."""
-  for path, leaf in jax.tree_util.tree_leaves_with_path(state):
-    if getattr(leaf, 'size', 1) == 0:
-      raise ValueError(
-        f'orbax cannot save zero-size arrays: state{jax.tree_util.keystr(path)} has shape '
-        f'{leaf.shape}; drop it from the state or give it a non-empty shape'
-      )
-
-
-class CheckpointError(RuntimeError):
-  """A checkpoint is damaged: unreadable, or its arrays do not match their digests.
-
-  Attributes:
-    step: the checkpoint's step.
-  """
-
-  def __init__(self, message: str, *, step: int):
-    super().__init__(message)
-    self.step = step
-
-
-def _host_value(leaf: Any) -> np.ndarray | None:
-  """The full value of ``leaf`` on this host, or ``None`` if no local device holds all of it."""
-  if isinstance(leaf, jax.Array):
-    if leaf.is_fully_addressable:
-      return np.asarray(leaf)
-    for shard in leaf.addressable_shards:
-      if shard.data.shape == leaf.shape:  # replicated across processes
-        return np.asarray(shard.data)
-    return None
-  return np.asarray(leaf)
-
-
-def _digest(leaf: Any) -> dict[str, str] | None:
-  value = _host_value(leaf)
-  if value is None:
-    return None
-  value = np.ascontiguousarray(value)
-  digest = hashlib.sha256(f'{value.dtype}{value.shape}'.encode())
-  digest.update(value.reshape(-1).view(np.uint8))  # hashlib releases the GIL on large buffers
-  return {'dtype': str(value.dtype), 'sha256': digest.hexdigest()}
-
-
-def digests(state: PyTree) -> dict[str, dict[str, str] | None]:
-  """The saved dtype and SHA-256 (of dtype, shape and bytes) of every leaf, by ``keystr`` path.
-
-  Typed keys are digested as their key data (what is saved). Leaves are
-  hashed in parallel threads. A leaf sharded across processes, whose full
-  value no local device holds, gets ``None`` (not verified).
-  """
-  leaves = jax.tree_util.tree_leaves_with_path(unwrap_keys(state))
-  workers = min(len(leaves), os.cpu_count() or 1) or 1
-  with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
-    values = list(pool.map(_digest, [leaf for _, leaf in leaves]))
-  return {
-    jax.tree_util.keystr(path): value for (path, _), value in zip(leaves, values, strict=True)
-  }
-
-
-class CheckpointWriteError(OSError):
-  """A checkpoint could not be written (disk full, read-only directory, ...).
-
-  ``errno`` is the operating system's error code when known; the message
-  names the step, the directory and the newest complete periodic checkpoint.
-  The partial write lies in a ``*.orbax-checkpoint-tmp`` directory, which
-  restoring never reads and the next writable :class:`Checkpoints` removes.
-  """
-
-
-_OS_ERROR_CODE = re.compile(r"os_error_code='?(\d+)")
-
-
-def _os_error(error: BaseException) -> OSError | None:
-  """The operating-system error behind ``error`` (its chain, or tensorstore's message)."""
-  seen = error
-  while seen is not None:
-    if isinstance(seen, OSError):
-      return seen
-    code = _OS_ERROR_CODE.search(str(seen))
-    if code:
-      number = int(code.group(1))
-      return OSError(number, os.strerror(number))
-    seen = seen.__cause__ or seen.__context__
-  return None
-
-
-class _WriteGuard:
-  """Turns an exception from an orbax write into :class:`CheckpointWriteError`."""
-
-  def __init__(self, owner: Checkpoints, what: str, step: int | None):
-    self.owner, self.what, self.step = owner, what, step
-
-  def __enter__(self) -> None:
-    return None
-
-  def __exit__(self, kind: Any, error: BaseException | None, _: Any) -> bool:
-    if error is None or isinstance(error, CheckpointWriteError):
-      return False
-    cause = _os_error(error)
-    if cause is None:
-      return False
-    latest = self.owner.latest_step
-    message = (
-      f'{self.what} checkpoint step {self.step} in {self.owner.directory} was not written: '
-      f'{cause.strerror or cause}; newest complete checkpoint: '
-      + ('none' if latest is None else f'step {latest}')
-    )
-    if cause.errno is None:
-      raise CheckpointWriteError(message) from error
-    raise CheckpointWriteError(cause.errno, message) from error
 
 
 def _first_line(error: BaseException, *, limit: int = 200) -> str:
@@ -257,29 +79,6 @@ def _drop_abandoned_reads() -> None:
     gc.collect()
   finally:
     sys.unraisablehook = hook
-
-
-def _as_saved(target: PyTree, saved: dict[str, Any]) -> PyTree:
-  """``target`` with each array leaf's dtype replaced by the one it was saved with."""
-
-  def retype(path: Any, leaf: Any) -> Any:
-    entry = saved.get(jax.tree_util.keystr(path))
-    if not isinstance(leaf, jax.ShapeDtypeStruct) or entry is None:
-      return leaf
-    return jax.ShapeDtypeStruct(leaf.shape, jax.numpy.dtype(entry['dtype']), sharding=leaf.sharding)
-
-  return jax.tree_util.tree_map_with_path(retype, target)
-
-
-def _cast_like(tree: PyTree, target: PyTree) -> PyTree:
-  """``tree``'s array leaves cast to the dtypes of ``target`` (the caller's restore target)."""
-
-  def cast(leaf: Any, want: Any) -> Any:
-    if not isinstance(want, jax.ShapeDtypeStruct) or leaf.dtype == want.dtype:
-      return leaf
-    return leaf.astype(want.dtype)
-
-  return jax.tree.map(cast, tree, target)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -410,14 +209,16 @@ class Checkpoints:
     self.close()
 
   def _writing(self, what: str, step: int | None):
-    """Context turning a failed write into :class:`CheckpointWriteError`."""
-    return _WriteGuard(self, what, step)
+    """Context turning a failed write into :class:`integrity.CheckpointWriteError`."""
+    return integrity.WriteGuard(
+      what=what, step=step, directory=self.directory, latest_step=lambda: self.latest_step
+    )
 
   def wait(self) -> None:
     """Blocks until background writes are on disk.
 
     Raises:
-      CheckpointWriteError: a background write failed (disk full, read-only).
+      integrity.CheckpointWriteError: a background write failed (disk full, read-only).
     """
     with self._writing('periodic', self._pending.get('periodic')):
       self._steps.wait_until_finished()
@@ -428,7 +229,7 @@ class Checkpoints:
     """Waits for background writes and releases the managers.
 
     Raises:
-      CheckpointWriteError: as :meth:`wait` (the managers are released anyway).
+      integrity.CheckpointWriteError: as :meth:`wait` (the managers are released anyway).
     """
     try:
       self.wait()
@@ -470,10 +271,10 @@ class Checkpoints:
       json.dumps(metadata)
     except TypeError as error:
       raise ValueError(f'metadata must be JSON-serialisable (use int/float/str): {error}') from None
-    _check_savable(state)
-    meta = {'step': step, 'metadata': metadata, 'digests': digests(state)}
+    integrity.check_savable(state)
+    meta = {'step': step, 'metadata': metadata, 'digests': integrity.digests(state)}
     return ocp.args.Composite(
-      state=ocp.args.StandardSave(unwrap_keys(state)), meta=ocp.args.JsonSave(meta)
+      state=ocp.args.StandardSave(integrity.unwrap_keys(state)), meta=ocp.args.JsonSave(meta)
     )
 
   def is_due(self, step: int) -> bool:
@@ -549,24 +350,26 @@ class Checkpoints:
       return self._best.save(step, args=args, metrics={'metric': metric}, force=True)
 
   def _restore(self, manager: ocp.CheckpointManager, step: int, like: PyTree) -> Restored:
-    """Restores and verifies ``step``; raises :class:`CheckpointError` if it is damaged."""
+    """Restores and verifies ``step``; raises :class:`integrity.CheckpointError` if damaged."""
     where = f'checkpoint step {step} in {manager.directory}'
-    target = abstract_state(like)
+    target = integrity.abstract_state(like)
     try:
       meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
       saved, metadata = meta.get('digests'), dict(meta['metadata'])
       # Restore in the saved dtypes, so the digests see the saved bytes; cast afterwards.
-      restore_as = target if saved is None else _as_saved(target, saved)
+      restore_as = target if saved is None else integrity.as_saved(target, saved)
       restored = manager.restore(
         step, args=ocp.args.Composite(state=ocp.args.StandardRestore(restore_as))
       )['state']
     except Exception as error:  # orbax and tensorstore raise many kinds on damaged files
       _drop_abandoned_reads()
-      raise CheckpointError(f'{where} cannot be read: {_first_line(error)}', step=step) from error
+      raise integrity.CheckpointError(
+        f'{where} cannot be read: {_first_line(error)}', step=step
+      ) from error
     if saved is None:
       _log.warning('%s has no digests (written by an earlier version); not verified', where)
     else:
-      found = digests(restored)
+      found = integrity.digests(restored)
       damaged = [
         path
         for path, entry in saved.items()
@@ -574,11 +377,11 @@ class Checkpoints:
       ]
       if damaged:
         more = f' (and {len(damaged) - 1} more)' if len(damaged) > 1 else ''
-        raise CheckpointError(
+        raise integrity.CheckpointError(
           f'{where} is damaged: state{damaged[0]}{more} does not match the digest saved with it',
           step=step,
         )
-    state = wrap_keys(_cast_like(restored, target), like=like)
+    state = integrity.wrap_keys(integrity.cast_like(restored, target), like=like)
     return Restored(step=step, state=state, metadata=metadata)
 
   def _set_aside(self, manager: ocp.CheckpointManager, step: int) -> str:
@@ -606,14 +409,14 @@ class Checkpoints:
         with its shardings, NumPy arrays as NumPy, typed keys as typed keys.
 
     Raises:
-      CheckpointError: every complete checkpoint is damaged (each one named).
+      integrity.CheckpointError: every complete checkpoint is damaged (each one named).
     """
     self.wait()
-    failures: list[CheckpointError] = []
+    failures: list[integrity.CheckpointError] = []
     for step in reversed(self._complete(self._steps)):
       try:
         restored = self._restore(self._steps, step, like)
-      except CheckpointError as error:
+      except integrity.CheckpointError as error:
         failures.append(error)
         continue
       skipped = []
@@ -624,7 +427,7 @@ class Checkpoints:
         skipped.append(note)
       return dataclasses.replace(restored, skipped=tuple(skipped))
     if failures:
-      raise CheckpointError(
+      raise integrity.CheckpointError(
         'no checkpoint restores: ' + '; '.join(str(f) for f in failures), step=failures[0].step
       )
     return None
@@ -633,7 +436,7 @@ class Checkpoints:
     """Restores the best checkpoint (see :meth:`restore_latest`); ``None`` if there is none.
 
     Raises:
-      CheckpointError: it is damaged.
+      integrity.CheckpointError: it is damaged.
     """
     self.wait()
     best = self.best
@@ -644,7 +447,7 @@ class Checkpoints:
 
     Raises:
       FileNotFoundError: no complete checkpoint at ``step``, listing those there are.
-      CheckpointError: it is damaged.
+      integrity.CheckpointError: it is damaged.
     """
     self.wait()
     steps = self._complete(self._steps)

@@ -7,10 +7,11 @@ levels.
 :func:`~reorg_jax.loss.aux_ota_loss` (lead head plus 0.25 times the
 auxiliary head, targets chosen by the lead head), its gradient, the new
 BatchNorm statistics, one micro-batch of upstream's optimiser recipe
-(:mod:`reorg_jax.optim`) and, when the optimiser stepped, the EMA update
-(:mod:`reorg_jax.ema`). A step whose loss or gradient is not finite changes
-nothing and says so in its metrics; :func:`check_finite` turns that into an
-error naming the step, before anything is saved.
+(:mod:`reorg_jax.training.optim`, :mod:`reorg_jax.training.sgd`) and, when the
+optimiser stepped, the EMA update (:mod:`reorg_jax.training.ema`). A step
+whose loss or gradient is not finite changes nothing and says so in its
+metrics; :func:`check_finite` turns that into an error naming the step,
+before anything is saved.
 
 Data parallelism: :func:`data_parallel` places a batch on a
 ``jax.sharding.Mesh`` along its ``'data'`` axis and the state replicated;
@@ -21,7 +22,7 @@ same global function of the batch.
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import flax.struct
@@ -30,12 +31,33 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from reorg_jax import ema as ema_lib
-from reorg_jax import optim
-from reorg_jax.config import LossConfig
-from reorg_jax.loss import aux_ota_loss
+from reorg_jax.loss import LossConfig, aux_ota_loss
+from reorg_jax.models.yolo import YOLO
 from reorg_jax.targets import Targets
-from reorg_jax.yolo import YOLO
+from reorg_jax.training import ema as ema_lib
+from reorg_jax.training import optim, sgd
+
+__all__ = [
+  'LossFn',
+  'NonFiniteError',
+  'TrainSetup',
+  'TrainState',
+  'apply_update',
+  'check_finite',
+  'create_train_state',
+  'data_parallel',
+  'jit_train_step',
+  'place',
+  'process_shard',
+  'shard_batch',
+  'train_step',
+]
+
+# ``(outputs, targets, image_hw, loss_config) -> (loss, parts)``, as :func:`aux_ota_loss`.
+LossFn = Callable[
+  [Sequence[jax.Array], Targets, tuple[int, int], LossConfig],
+  tuple[jax.Array, dict[str, jax.Array]],
+]
 
 
 @flax.struct.dataclass
@@ -46,7 +68,7 @@ class TrainState:
     step: ``[]`` int32, the next global micro-batch index ``ni``.
     params: model parameters (float32).
     batch_stats: BatchNorm running statistics.
-    opt_state: :class:`reorg_jax.optim.RecipeState`.
+    opt_state: :class:`reorg_jax.training.sgd.RecipeState`.
     ema: ``{'params', 'batch_stats'}``, the exponential moving average used
       for evaluation.
   """
@@ -54,7 +76,7 @@ class TrainState:
   step: jax.Array
   params: Any
   batch_stats: Any
-  opt_state: optim.RecipeState
+  opt_state: sgd.RecipeState
   ema: Any
 
   def variables(self, *, use_ema: bool) -> dict[str, Any]:
@@ -79,7 +101,7 @@ class TrainSetup:
   """
 
   model: YOLO = flax.struct.field(pytree_node=False)
-  optimizer: optim.RecipeOptimizer = flax.struct.field(pytree_node=False)
+  optimizer: sgd.RecipeOptimizer = flax.struct.field(pytree_node=False)
   loss_config: LossConfig = flax.struct.field(pytree_node=False)
   image_hw: tuple[int, int] = flax.struct.field(pytree_node=False)
   recipe: optim.RecipeConfig = flax.struct.field(pytree_node=False)
@@ -104,7 +126,7 @@ def create_train_state(
     image_size: ``S``.
     schedule: epochs, batch size and steps per epoch of the run.
     loss_config: loss hyper-parameters with the run's gains (see
-      :func:`reorg_jax.optim.scaled_loss_gains`).
+      :func:`reorg_jax.training.optim.scaled_loss_gains`).
     compute_dtype: forward-pass dtype.
     variables: start from these ``{'params', 'batch_stats'}`` (e.g. imported
       upstream weights) instead of a fresh initialisation.
@@ -113,7 +135,7 @@ def create_train_state(
     dummy = jnp.zeros((1, image_size, image_size, setup_model.in_channels), jnp.float32)
     variables = jax.jit(functools.partial(setup_model.init, train=False))(rng, dummy)
   params, batch_stats = variables['params'], variables.get('batch_stats', {})
-  optimizer = optim.recipe_optimizer(optim.param_labels(params), schedule=schedule)
+  optimizer = sgd.recipe_optimizer(sgd.param_labels(params), schedule=schedule)
   state = TrainState(
     step=jnp.asarray(0, jnp.int32),
     params=params,
@@ -166,7 +188,11 @@ def apply_update(
 
 
 def train_step(
-  setup: TrainSetup, state: TrainState, batch: Mapping[str, Any]
+  setup: TrainSetup,
+  state: TrainState,
+  batch: Mapping[str, Any],
+  *,
+  loss_fn: LossFn = aux_ota_loss,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One micro-batch of training.
 
@@ -175,12 +201,16 @@ def train_step(
     state: the current state.
     batch: ``images`` ``[B, S, S, 3]`` (uint8 or float in ``[0, 1]``),
       ``targets`` (:class:`~reorg_jax.targets.Targets` ``[B, M]``) and
-      ``hparams`` (:func:`reorg_jax.optim.hyperparams` of ``state.step``,
+      ``hparams`` (:func:`reorg_jax.training.optim.hyperparams` of ``state.step``,
       computed on the host in float64 as upstream does).
+    loss_fn: the loss of the float32 head outputs (static: bind it before
+      ``jax.jit``, e.g. with ``functools.partial``). Training uses the
+      default; ``benchmarks/train_speed.py`` passes a trivial one to time the
+      step without assignment and loss.
 
   Returns:
     The new state and scalar metrics: ``loss`` (upstream's batch-sum loss),
-    ``box``/``obj``/``cls``/``total`` parts, ``stepped`` (the optimiser
+    the parts ``loss_fn`` returns (``box``/``obj``/``cls``/``total``), ``stepped`` (the optimiser
     updated the weights) and ``finite`` (loss and gradient were finite; if
     not, the returned state is the old one with only ``step`` advanced).
   """
@@ -190,7 +220,7 @@ def train_step(
   targets: Targets = batch['targets']
   hparams: optim.HyperParams = batch['hparams']
 
-  def loss_fn(params):
+  def objective(params):
     cast = jax.tree.map(lambda p: p.astype(setup.compute_dtype), params)
     outputs, updates = setup.model.apply(
       {'params': cast, 'batch_stats': state.batch_stats},
@@ -199,10 +229,10 @@ def train_step(
       mutable=['batch_stats'],
     )
     outputs = [o.astype(jnp.float32) for o in outputs]
-    loss, parts = aux_ota_loss(outputs, targets, setup.image_hw, setup.loss_config)
+    loss, parts = loss_fn(outputs, targets, setup.image_hw, setup.loss_config)
     return loss, (parts, updates['batch_stats'])
 
-  (loss, (parts, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  (loss, (parts, batch_stats)), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
   batch_stats = jax.tree.map(lambda new, old: new.astype(old.dtype), batch_stats, state.batch_stats)
   finite = jnp.isfinite(loss) & _all_finite(grads)
   updated, stepped = apply_update(
@@ -279,7 +309,7 @@ def process_shard(batch_sharding: NamedSharding) -> tuple[int, int]:
 
   With ``count`` processes, process ``index`` feeds rows
   ``[index * B / count, (index + 1) * B / count)`` (give these to
-  :class:`reorg_jax.loader.BatchLoader` as ``shard_index, shard_count``).
+  :class:`reorg_jax.data.loader.BatchLoader` as ``shard_index, shard_count``).
 
   Raises:
     ValueError: the mesh does not give each process one contiguous block of

@@ -23,7 +23,8 @@ from concurrent import futures
 import cv2
 import numpy as np
 
-from reorg_jax import augment, dataset, targets
+from reorg_jax import targets
+from reorg_jax.data import augment, dataset, geometry, mosaic
 
 __all__ = [
   'Batch',
@@ -69,7 +70,7 @@ def load_sample(
   """
   square = (image_size, image_size)
 
-  def fitted(i: int) -> augment.Tile:
+  def fitted(i: int) -> mosaic.Tile:
     image = augment.fit_long_side(data.load_image(i), size=image_size, antialias=config is None)
     return image, data.labels[i], data.segments_of(i)
 
@@ -88,16 +89,16 @@ def load_sample(
     nine = config.mosaic9 > 0 and rng.random() < config.mosaic9
     others = rng.integers(0, len(data), 8 if nine else 3)
     tiles = [fitted(i) for i in (first, *others.tolist())]
-    return augment.random_mosaic(tiles, rng=rng, size=image_size, config=config)
+    return mosaic.random_mosaic(tiles, rng=rng, size=image_size, config=config)
 
   if rng.random() < config.mosaic:
     image, labels = random_mosaic(index)
     if rng.random() < config.mixup:
-      image, labels = augment.mixup(
+      image, labels = mosaic.mixup(
         (image, labels), random_mosaic(int(rng.integers(len(data)))), rng=rng
       )
   else:
-    image, labels = augment.random_affine(
+    image, labels = geometry.random_affine(
       *boxed(index),
       rng=rng,
       out_size=square,
@@ -112,7 +113,7 @@ def load_sample(
   )
   if config.paste_in > 0 and data.has_segments and rng.random() < config.paste_in:
     objects = paste_objects(data, image_size=image_size, rng=rng)
-    image, labels = augment.paste_in(image, labels, objects, rng=rng)
+    image, labels = mosaic.paste_in(image, labels, objects, rng=rng)
   if rng.random() < config.flipud:
     image, labels = augment.flip_ud(image, labels)
   if rng.random() < config.fliplr:
@@ -123,18 +124,18 @@ def load_sample(
 def paste_objects(
   data: dataset.YoloDataset, *, image_size: int, rng: np.random.Generator
 ) -> list[tuple[int, np.ndarray, np.ndarray]]:
-  """Objects for :func:`augment.paste_in`, gathered as upstream's ``paste_in`` does.
+  """Objects for :func:`mosaic.paste_in`, gathered as upstream's ``paste_in`` does.
 
   Repeatedly: a 4-image mosaic of random images around a random centre (not
-  warped), of which :func:`augment.cut_objects` cuts a random half of the
-  objects, until :data:`augment.PASTE_POOL` objects are gathered, or none
+  warped), of which :func:`mosaic.cut_objects` cuts a random half of the
+  objects, until :data:`mosaic.PASTE_POOL` objects are gathered, or none
   came from the first mosaic.
 
   Returns:
     ``(class, patch [h, w, 3] uint8, mask [h, w] bool)`` per object.
   """
   objects: list[tuple[int, np.ndarray, np.ndarray]] = []
-  while len(objects) < augment.PASTE_POOL:
+  while len(objects) < mosaic.PASTE_POOL:
     chosen = rng.integers(0, len(data), 4).tolist()
     tiles = [
       (
@@ -145,9 +146,9 @@ def paste_objects(
       for i in chosen
     ]
     center = tuple(int(v) for v in rng.uniform(image_size // 2, image_size + image_size // 2, 2))
-    canvas, labels, segments = augment.mosaic(tiles, size=image_size, center=center)
+    canvas, labels, segments = mosaic.mosaic(tiles, size=image_size, center=center)
     if segments is not None:
-      objects += augment.cut_objects(canvas, labels, segments, rng=rng)
+      objects += mosaic.cut_objects(canvas, labels, segments, rng=rng)
     if not objects:
       break
   return objects
@@ -175,7 +176,7 @@ def max_boxes_bound(data: dataset.YoloDataset, config: augment.AugmentConfig | N
   if config.mosaic > 0:
     factor = 9 if config.mosaic9 > 0 else 4
     factor *= 2 if config.mixup > 0 else 1
-  pasted = len(augment.PASTE_SCALES) if config.paste_in > 0 and data.has_segments else 0
+  pasted = len(mosaic.PASTE_SCALES) if config.paste_in > 0 and data.has_segments else 0
   return max(1, data.max_labels * factor + pasted)
 
 

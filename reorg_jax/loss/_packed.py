@@ -4,7 +4,7 @@ Glossary: ``B`` batch, ``L`` levels, ``A`` anchors per level, ``M`` max boxes,
 ``K = L * 5 * A * M`` candidate slots per image, ``N`` packed capacity
 (``N <= K``), ``C`` classes, ``F = 5 + C``.
 
-:func:`reorg_jax.assigner.assign` scores every box against all ``K`` slots of
+:func:`reorg_jax.loss._assign.assign` scores every box against all ``K`` slots of
 its image, live or not. Most slots are dead (an anchor whose shape does not fit
 the box, an offset that does not apply): on COCO-like boxes only 10-20% are
 live. The loss therefore
@@ -17,7 +17,7 @@ live. The loss therefore
 2. packs each head's live slots, in slot order, into ``N`` places
    (:func:`pack`). Order is what upstream's tie-breaks and objectness writes
    depend on, and packing keeps it;
-3. runs SimOTA (:func:`reorg_jax.assigner.simota`) on ``[B, M, N]``.
+3. runs SimOTA (:func:`reorg_jax.loss._assign.simota`) on ``[B, M, N]``.
 
 ``N`` is static, so it is picked at run time from a ladder of capacities
 (``LossConfig.capacity_fractions`` of ``K``, then ``K``) with ``lax.switch``:
@@ -35,8 +35,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from reorg_jax import assigner
-from reorg_jax.config import LossConfig
+from reorg_jax.loss import _assign as assigner
+from reorg_jax.loss._config import LossConfig
 from reorg_jax.targets import Targets
 
 
@@ -125,7 +125,7 @@ class PackedAssignment:
 
   Attributes:
     slot: ``[B, N]`` slot index in the ``[B, K]`` layout (its level, anchor
-      and box follow from :func:`reorg_jax.assigner.slot_layout`).
+      and box follow from :func:`reorg_jax.loss._assign.slot_layout`).
     source: ``[B, N]`` coarse slot on the same cell (``slot`` itself for the
       auxiliary head).
     place: ``[B, N]`` position of ``source`` in the packed coarse list.

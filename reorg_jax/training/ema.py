@@ -4,11 +4,11 @@ The EMA starts as a copy of the model's variables (``params`` and
 ``batch_stats``) and after every optimizer step ``n`` (1-based) each
 floating-point leaf becomes ``d(n) * ema + (1 - d(n)) * model`` with the
 ramped decay ``d(n) = ema_decay * (1 - exp(-n / ema_ramp))``
-(``0.9999`` and ``2000`` in :data:`reorg_jax.optim.P6_RECIPE`). The ramp
+(``0.9999`` and ``2000`` in :data:`reorg_jax.training.optim.P6_RECIPE`). The ramp
 keeps early EMAs close to the model: ``d(1) ~ 5e-4``, ``d(2000) ~ 0.632``.
 
 Typical use inside a jitted train step, after
-:func:`reorg_jax.optim.recipe_optimizer`'s ``update``::
+:func:`reorg_jax.training.sgd.recipe_optimizer`'s ``update``::
 
   params, opt_state, stepped = optimizer.update(grads, opt_state, params, hparams=hparams)
   variables = {'params': params, 'batch_stats': batch_stats}
@@ -27,7 +27,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from reorg_jax.optim import P6_RECIPE, RecipeConfig
+from reorg_jax.training.optim import P6_RECIPE, RecipeConfig
+
+__all__ = ['ema_decay', 'ema_init', 'ema_update']
 
 
 def ema_init(model: Any) -> Any:
@@ -56,7 +58,7 @@ def ema_update(
     model: the model's variables after the optimizer step.
     updates: 1-based count of optimizer steps including this one (upstream
       increments its counter before computing the decay), e.g.
-      ``RecipeState.num_updates`` after the step; may be traced.
+      ``reorg_jax.training.sgd.RecipeState.num_updates`` after the step; may be traced.
     recipe: supplies ``ema_decay`` and ``ema_ramp``.
 
   Returns:

@@ -1,6 +1,6 @@
 """Background prefetch: an iterator run ahead in a thread, with its errors handed over.
 
-:class:`Prefetcher` keeps the next batches (from :class:`reorg_jax.loader.BatchLoader`)
+:class:`Prefetcher` keeps the next batches (from :class:`reorg_jax.data.loader.BatchLoader`)
 ready while the training step runs.
 """
 

@@ -1,10 +1,12 @@
 """YOLOv7 P6 models built from the original YAML layer lists.
 
 Glossary: ``B`` batch, ``H``/``W`` image height/width, ``L`` levels, ``A``
-anchors per level, ``C`` classes, ``K = 5 + C``, ``N`` decoded boxes.
+anchors per level, ``C`` classes, ``F = 5 + C`` features of a head row,
+``H_l``/``W_l`` grid of level ``l``, ``R = A * sum_l H_l * W_l`` decoded rows
+(boxes) per image.
 
 :func:`build_model` turns an original-format model file (see
-:mod:`reorg_jax.model_yaml`), or its parsed mapping, into a :class:`YOLO`
+:mod:`reorg_jax.models.from_yaml`), or its parsed mapping, into a :class:`YOLO`
 Linen module whose ``model_i`` submodule is layer ``i``, so variable paths
 mirror the original ``model.i`` names. :data:`p6_nano` builds this project's
 small model.
@@ -23,29 +25,29 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from reorg_jax.detect import IAuxDetect, fuse_implicit
-from reorg_jax.model_yaml import LayerSpec, Traversable, load_config, parse_config
+from reorg_jax.models.detect import IAuxDetect, fuse_implicit
+from reorg_jax.models.from_yaml import LayerSpec, Traversable, load_config, parse_config
 
 __all__ = ['NANO_CONFIG', 'YOLO', 'build_model', 'fuse', 'p6_nano']
 
-NANO_CONFIG = resources.files('reorg_jax') / 'configs' / 'yolov7-p6-nano.yaml'
+NANO_CONFIG = resources.files('reorg_jax.models') / 'configs' / 'yolov7-p6-nano.yaml'
 
 
 class YOLO(nn.Module):
-  """A layer graph ending in :class:`~reorg_jax.detect.IAuxDetect`.
+  """A layer graph ending in :class:`~reorg_jax.models.detect.IAuxDetect`.
 
   ``__call__(images, *, train)`` takes ``[B, H, W, in_channels]`` float
   images scaled to ``[0, 1]`` (``H`` and ``W`` multiples of
   :attr:`max_stride`; integer images are an error) and returns, with
-  ``train=True``, the ``2L`` raw head outputs ``[B, A, H_l, W_l, K]`` (lead
+  ``train=True``, the ``2L`` raw head outputs ``[B, A, H_l, W_l, F]`` (lead
   levels, then auxiliary levels); with ``train=False``, the decoded boxes
-  ``[B, N, K]``. Training updates ``batch_stats`` (``mutable=['batch_stats']``).
+  ``[B, R, F]``. Training updates ``batch_stats`` (``mutable=['batch_stats']``).
 
   Attributes:
     specs: the parsed layer list, head last (see :func:`parse_config`).
     in_channels: image channels.
     fused: the head's implicit layers are folded into its convs (see
-      :func:`reorg_jax.detect.fuse_implicit`).
+      :func:`reorg_jax.models.detect.fuse_implicit`).
   """
 
   specs: tuple[LayerSpec, ...]
@@ -120,7 +122,7 @@ def build_model(
     config: path of an upstream-format model file, or its content.
     num_classes: overrides the file's ``nc``.
     anchors: overrides the file's anchors (per level ``[w0, h0, w1, h1, ...]``
-      in pixels), e.g. with :func:`reorg_jax.convert.anchors_from_state_dict`
+      in pixels), e.g. with :func:`reorg_jax.models.convert.anchors_from_state_dict`
       for a checkpoint whose anchors were re-fitted during training.
     in_channels: overrides the file's ``ch`` (3 if absent).
 

@@ -1,13 +1,14 @@
 """A built-in synthetic detection dataset: coloured shapes on textured backgrounds.
 
-Glossary: ``N`` objects of an image, ``H``/``W`` image height/width.
+Glossary: ``N`` label rows (one per drawn object) of an image, ``H``/``W``
+image height/width, ``P`` points of an outline.
 
 Each image is a pure function of ``(seed, index)``: a background (gradient,
 stripes or blotchy noise, all low in saturation) with up to a few
 non-overlapping, saturated shapes of six classes (:data:`CLASS_NAMES`). The
 labels are the exact bounding boxes of the drawn pixels, so a small detector
 can learn the task quickly and a perfect one scores exactly. :func:`write_dataset`
-stores such images in the YOLO layout that :mod:`reorg_jax.dataset` reads.
+stores such images in the YOLO layout that :mod:`reorg_jax.data.dataset` reads.
 """
 
 from __future__ import annotations
@@ -18,6 +19,18 @@ from pathlib import Path
 import cv2
 import numpy as np
 import yaml
+
+from reorg_jax import boxes as box_lib
+
+__all__ = [
+  'CLASS_NAMES',
+  'ELLIPSE_VERTICES',
+  'PALETTE',
+  'STREAM',
+  'format_labels',
+  'make_image',
+  'write_dataset',
+]
 
 CLASS_NAMES = ('box', 'frame', 'disc', 'ring', 'triangle', 'cross')
 # Saturated RGB colours for the shapes; backgrounds stay greyish, so every shape stands out.
@@ -171,15 +184,10 @@ def make_image(
     low, high = outline.min(axis=0), outline.max(axis=0)
     tight = (outline - low) / (high - low) * [bx2 - bx1, by2 - by1] + [bx1, by1]
     polygons.append((tight / [width, height]).astype(np.float32))
-    rows.append(
-      [
-        cls,
-        (bx1 + bx2) / 2 / width,
-        (by1 + by2) / 2 / height,
-        (bx2 - bx1) / width,
-        (by2 - by1) / height,
-      ]
+    box = box_lib.pixel_xyxy_to_normalized_cxcywh(
+      np.asarray([bx1, by1, bx2, by2]), width=width, height=height, xp=np
     )
+    rows.append([cls, *box.tolist()])
   labels = np.asarray(rows, np.float32).reshape(-1, 5)
   return (image, labels, polygons) if with_polygons else (image, labels)
 

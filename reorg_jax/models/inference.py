@@ -1,8 +1,8 @@
 """Inference: decoded head outputs to a fixed number of detections per image.
 
-Glossary: ``B`` batch, ``N`` decoded boxes per image, ``C`` classes,
-``K = 5 + C``, ``M`` candidates entering non-maximum suppression
-(``max_candidates``), ``D`` detections kept (``max_detections``).
+Glossary: ``B`` batch, ``R`` decoded rows (boxes) per image, ``C`` classes,
+``F = 5 + C`` features of a row, ``Q`` candidates entering non-maximum
+suppression (``max_candidates``), ``D`` detections kept (``max_detections``).
 
 Selection follows the original's ``non_max_suppression`` (single label per
 box): a box is a candidate when its objectness and its best class score
@@ -11,10 +11,10 @@ exceed ``score_threshold``; candidates are suppressed greedily in score order
 by a higher-scoring kept box of the same class (any class when
 ``class_agnostic``) with IoU above ``iou_threshold``.
 
-Shapes are static so the whole step compiles once: only the ``M``
+Shapes are static so the whole step compiles once: only the ``Q``
 best-scoring candidates enter suppression (the original allows 30000) and at
 most ``D`` detections come out, padded. ``num_candidates`` reports how many
-boxes passed the thresholds, so a caller can tell when ``M`` was too small.
+boxes passed the thresholds, so a caller can tell when ``Q`` was too small.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from reorg_jax.boxes import cxcywh_to_xyxy, iou_xyxy
-from reorg_jax.yolo import YOLO
+from reorg_jax.models.yolo import YOLO
 
 __all__ = ['Detections', 'predict', 'select_detections']
 
@@ -41,7 +41,7 @@ class Detections(NamedTuple):
     classes: ``[B, D]`` int32 class indices; ``-1`` where padded.
     valid: ``[B, D]`` bool, true for real detections (a prefix of each row).
     num_candidates: ``[B]`` int32, boxes that passed the thresholds (before
-      the ``M`` cut and suppression).
+      the ``Q`` cut and suppression).
   """
 
   boxes: jax.Array
@@ -60,30 +60,30 @@ def _select_one(
   iou_threshold: jax.Array,
   class_agnostic: bool,
 ) -> Detections:
-  """One image: ``[N, K]`` -> detections with ``[D, ...]`` fields."""
-  objectness = decoded[:, 4]  # [N]
+  """One image: ``[R, F]`` -> detections with ``[D, ...]`` fields."""
+  objectness = decoded[:, 4]  # [R]
   if decoded.shape[1] == 6:  # one class: the original scores by objectness alone
-    class_scores = objectness[:, None]  # [N, 1]
+    class_scores = objectness[:, None]  # [R, 1]
   else:
-    class_scores = decoded[:, 5:] * objectness[:, None]  # [N, C]
-  scores = class_scores.max(axis=-1)  # [N]
-  classes = class_scores.argmax(axis=-1).astype(jnp.int32)  # [N]
-  passed = (objectness > score_threshold) & (scores > score_threshold)  # [N]
-  ranked, index = jax.lax.top_k(jnp.where(passed, scores, -jnp.inf), max_candidates)  # [M]
-  alive = jnp.isfinite(ranked)  # [M]
-  boxes = cxcywh_to_xyxy(decoded[index, :4])  # [M, 4]
-  classes = classes[index]  # [M]
+    class_scores = decoded[:, 5:] * objectness[:, None]  # [R, C]
+  scores = class_scores.max(axis=-1)  # [R]
+  classes = class_scores.argmax(axis=-1).astype(jnp.int32)  # [R]
+  passed = (objectness > score_threshold) & (scores > score_threshold)  # [R]
+  ranked, index = jax.lax.top_k(jnp.where(passed, scores, -jnp.inf), max_candidates)  # [Q]
+  alive = jnp.isfinite(ranked)  # [Q]
+  boxes = cxcywh_to_xyxy(decoded[index, :4])  # [Q, 4]
+  classes = classes[index]  # [Q]
 
-  overlap = jnp.nan_to_num(iou_xyxy(boxes, boxes)) > iou_threshold  # [M, M]
+  overlap = jnp.nan_to_num(iou_xyxy(boxes, boxes)) > iou_threshold  # [Q, Q]
   if not class_agnostic:
     overlap &= classes[:, None] == classes[None, :]
-  later = jnp.arange(max_candidates)[None, :] > jnp.arange(max_candidates)[:, None]  # [M, M]
+  later = jnp.arange(max_candidates)[None, :] > jnp.arange(max_candidates)[:, None]  # [Q, Q]
   overlap &= later
 
   def suppress(row, keep):
     return keep & ~(keep[row] & overlap[row])
 
-  keep = jax.lax.fori_loop(0, max_candidates, suppress, alive)  # [M]
+  keep = jax.lax.fori_loop(0, max_candidates, suppress, alive)  # [Q]
   kept_scores, order = jax.lax.top_k(jnp.where(keep, ranked, -jnp.inf), max_detections)  # [D]
   valid = jnp.isfinite(kept_scores)  # [D]
   return Detections(
@@ -107,10 +107,10 @@ def select_detections(
   """Thresholds and non-maximum suppression on decoded outputs.
 
   Args:
-    decoded: ``[B, N, K]`` from the model in evaluation mode: box centre and
+    decoded: ``[B, R, F]`` from the model in evaluation mode: box centre and
       size in pixels, objectness, class probabilities.
     max_detections: ``D``, detections per image (static).
-    max_candidates: ``M``, candidates entering suppression (static, ``D <= M <= N``).
+    max_candidates: ``Q``, candidates entering suppression (static, ``D <= Q <= R``).
     score_threshold: minimum objectness and score.
     iou_threshold: IoU above which a lower-scoring box is suppressed.
     class_agnostic: suppress across classes.
@@ -159,7 +159,7 @@ def predict(
       multiples of ``model.max_stride``. Integer images (``uint8`` 0..255)
       are an error: convert them first (``images.astype(jnp.float32) / 255``).
     max_detections: ``D`` (the original's ``max_det``).
-    max_candidates: ``M``, capped at the number of boxes per image.
+    max_candidates: ``Q``, capped at ``R``, the boxes per image.
     score_threshold: minimum objectness and score (the original's ``conf_thres``;
       its detection script uses 0.25, its evaluation 0.001).
     iou_threshold: suppression IoU (``iou_thres``; 0.45 for detection, 0.65 for evaluation).
@@ -176,7 +176,7 @@ def predict(
       f'predict needs float images scaled to [0, 1], got dtype {images.dtype}; '
       'convert with images.astype(jnp.float32) / 255'
     )
-  decoded = model.apply(variables, images, train=False)  # [B, N, K]
+  decoded = model.apply(variables, images, train=False)  # [B, R, F]
   return select_detections(
     decoded,
     max_detections=max_detections,

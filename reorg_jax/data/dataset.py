@@ -1,7 +1,7 @@
 """Reading datasets in YOLO layout: a dataset YAML, image folders or lists, label files.
 
-Glossary: ``N`` boxes of an image, ``H``/``W`` image height/width, ``P`` points
-of a polygon.
+Glossary: ``N`` label rows (boxes) of an image, ``H``/``W`` image height/width,
+``P`` points of a polygon.
 
 The layout is upstream's::
 
@@ -45,6 +45,24 @@ from pathlib import Path
 import cv2
 import numpy as np
 import yaml
+
+from reorg_jax import boxes as box_lib
+
+__all__ = [
+  'IMAGE_SUFFIXES',
+  'MAX_LISTED_PROBLEMS',
+  'DataConfig',
+  'DatasetError',
+  'YoloDataset',
+  'label_path',
+  'list_images',
+  'load_dataset',
+  'load_split',
+  'parse_label_file',
+  'read_data_config',
+  'read_image',
+  'read_label_file',
+]
 
 logger = logging.getLogger(__name__)
 
@@ -213,8 +231,8 @@ def read_label_file(
     polygon = None
     if len(fields) > 5:  # Polygon: its bounding box, and the polygon itself.
       polygon = values[1:].reshape(-1, 2)
-      (x1, y1), (x2, y2) = polygon.min(axis=0), polygon.max(axis=0)
-      values = np.asarray([cls, (x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1])
+      xyxy = np.concatenate([polygon.min(axis=0), polygon.max(axis=0)])
+      values = np.concatenate([[cls], box_lib.xyxy_to_cxcywh(xyxy, xp=np)])
     key = tuple(values.tolist())
     if key in seen:
       problems.append(f'{where}: duplicate of line {seen[key]}')
@@ -227,10 +245,9 @@ def read_label_file(
     return labels, (), problems
   segments = []
   for row, polygon in zip(labels, polygons, strict=True):
-    if polygon is None:
-      _, cx, cy, w, h = row.tolist()
-      polygon = [[cx - w / 2, cy - h / 2], [cx + w / 2, cy - h / 2]]
-      polygon += [[cx + w / 2, cy + h / 2], [cx - w / 2, cy + h / 2]]
+    if polygon is None:  # The box's rectangle, computed in float64 as the polygons are read.
+      xyxy = box_lib.cxcywh_to_xyxy(row[1:].astype(np.float64), xp=np)
+      polygon = box_lib.xyxy_to_polygon(xyxy, xp=np)
     segments.append(np.asarray(polygon, np.float32))
   return labels, tuple(segments), problems
 

@@ -1,7 +1,7 @@
-"""Weights between the original PyTorch YOLOv7 and :class:`reorg_jax.yolo.YOLO`.
+"""Weights between the original PyTorch YOLOv7 and :class:`reorg_jax.models.yolo.YOLO`.
 
 Glossary: ``L`` levels, ``A`` anchors per level, ``O``/``I`` output/input
-channels, ``C`` channels, ``k`` kernel size.
+channels, ``k`` kernel size.
 
 Names map one to one: the Flax variable ``params/model_3/bn/scale`` is the
 PyTorch ``model.3.bn.weight``; any path component ``name_i`` becomes
@@ -10,7 +10,7 @@ PyTorch ``model.3.bn.weight``; any path component ``name_i`` becomes
 * ``params/.../kernel`` ``[k, k, I, O]`` -> ``weight`` ``[O, I, k, k]``;
 * ``params/.../bias`` -> ``bias``;
 * ``params/.../bn/scale`` -> ``bn.weight``;
-* ``params/.../implicit`` ``[C]`` -> ``implicit`` ``[1, C, 1, 1]``;
+* ``params/.../implicit`` ``[I]`` -> ``implicit`` ``[1, I, 1, 1]``;
 * ``batch_stats/.../mean`` -> ``running_mean``;
 * ``batch_stats/.../var`` -> ``running_var``.
 
@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from reorg_jax.yolo import YOLO
+from reorg_jax.models.yolo import YOLO
 
 __all__ = [
   'anchors_from_state_dict',
@@ -75,7 +75,7 @@ def _to_torch_layout(leaf: str, value: np.ndarray) -> np.ndarray:
   if leaf == 'kernel':
     return value.transpose(3, 2, 0, 1)  # [O, I, k, k]
   if leaf == 'implicit':
-    return value.reshape(1, -1, 1, 1)  # [1, C, 1, 1]
+    return value.reshape(1, -1, 1, 1)  # [1, I, 1, 1]
   return value
 
 
@@ -83,7 +83,7 @@ def _to_flax_layout(leaf: str, value: np.ndarray) -> np.ndarray:
   if leaf == 'kernel':
     return value.transpose(2, 3, 1, 0)  # [k, k, I, O]
   if leaf == 'implicit':
-    return value.reshape(-1)  # [C]
+    return value.reshape(-1)  # [I]
   return value
 
 
@@ -304,7 +304,7 @@ def export_state_dict(model: YOLO, variables: Mapping[str, Any]) -> dict[str, np
 def anchors_from_state_dict(state_dict: Mapping[str, Any]) -> list[list[float]]:
   """The anchors stored in an original state dict, per level ``[w0, h0, w1, h1, ...]`` in pixels.
 
-  Pass them to :func:`reorg_jax.yolo.build_model` as ``anchors=`` for
+  Pass them to :func:`reorg_jax.models.yolo.build_model` as ``anchors=`` for
   checkpoints whose anchors were re-fitted during training.
   """
   keys = [key for key in state_dict if key.endswith('.anchor_grid')]

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from reorg_jax import boxes as box_lib
-from reorg_jax.config import LossConfig
+from reorg_jax.loss._config import LossConfig
 from reorg_jax.targets import Targets
 
 NUM_OFFSETS = 5
