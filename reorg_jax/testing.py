@@ -1,14 +1,20 @@
 """Seeded random scenes and head outputs for tests, benchmarks and notebooks.
 
 Glossary: ``B`` batch, ``N`` label rows, ``L`` levels, ``A`` anchors per level,
-``C`` classes, ``H_l``/``W_l`` the grid of level ``l``.
+``M`` max boxes per image, ``C`` classes, ``F = 5 + C``, ``H_l``/``W_l`` the
+grid of level ``l``.
 """
 
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from reorg_jax.loss._config import LossConfig
+from reorg_jax.targets import Targets
+
+__all__ = ['random_head_outputs', 'random_labels', 'random_scene']
 
 
 def random_labels(
@@ -89,3 +95,45 @@ def random_head_outputs(
       out[..., 4] -= 4.0
       outputs.append(out.astype(np.float32))
   return outputs
+
+
+def random_scene(
+  seed: int,
+  boxes_per_image: list[int],
+  *,
+  num_classes: int = 5,
+  max_boxes: int = 12,
+  image_hw: tuple[int, int] = (320, 320),
+  corner_centres: bool = False,
+  **config_overrides,
+) -> tuple[LossConfig, Targets, list[jax.Array]]:
+  """A P6 loss config, random boxes and random head outputs: the scene of the loss tests.
+
+  Args:
+    seed: seeds one NumPy generator, drawn first for the labels
+      (:func:`random_labels`), then for the outputs (:func:`random_head_outputs`).
+    boxes_per_image: ``B`` box counts.
+    num_classes: ``C``.
+    max_boxes: ``M``.
+    image_hw: ``(H, W)`` in pixels.
+    corner_centres: snap box centres to multiples of 1/16 of the image (inside
+      ``[1/16, 15/16]``): at 320 and 640 px these lie on cell corners of every
+      level, where the fine right/down neighbour is the centre cell itself.
+    **config_overrides: fields of :meth:`LossConfig.p6`.
+
+  Returns:
+    ``(config, targets, outputs)``: ``targets`` ``[B, M, ...]`` and ``2L``
+    outputs ``[B, A, H_l, W_l, F]`` (lead, then auxiliary).
+  """
+  rng = np.random.default_rng(seed)
+  config = LossConfig.p6(num_classes, **config_overrides)
+  labels = random_labels(
+    rng, boxes_per_image=boxes_per_image, num_classes=num_classes, image_hw=image_hw
+  )
+  if corner_centres:
+    labels[:, 2:4] = np.round(labels[:, 2:4] * 16) / 16
+    labels[:, 2:4] = np.clip(labels[:, 2:4], 1 / 16, 15 / 16)
+  batch = len(boxes_per_image)
+  targets = Targets.from_yolo(labels, batch, max_boxes, num_classes=num_classes)
+  outputs = random_head_outputs(rng, config, batch_size=batch, image_hw=image_hw)
+  return config, targets, [jnp.asarray(o) for o in outputs]

@@ -12,7 +12,7 @@ import pytest
 
 import reorg_jax
 from reorg_jax import testing
-from reorg_jax.loss import _assign as assigner
+from reorg_jax.loss._slots import SlotLayout
 
 HW = (320, 320)
 # The loss's speed settings at their simplest: one image group, no capacity ladder, so each
@@ -25,15 +25,8 @@ FLAT = {'capacity_fractions': (), 'batch_groups': 1}
 loss_fn = jax.jit(reorg_jax.aux_ota_loss, static_argnums=(2, 3))
 
 
-def scene(seed, counts, *, num_classes=5, max_boxes=12, image_hw=HW):
-  rng = np.random.default_rng(seed)
-  config = reorg_jax.LossConfig.p6(num_classes, **FLAT)
-  labels = testing.random_labels(
-    rng, boxes_per_image=counts, num_classes=num_classes, image_hw=image_hw
-  )
-  targets = reorg_jax.Targets.from_yolo(labels, len(counts), max_boxes, num_classes=num_classes)
-  outputs = testing.random_head_outputs(rng, config, batch_size=len(counts), image_hw=image_hw)
-  return config, targets, [jnp.asarray(o) for o in outputs]
+def scene(seed, counts, **kwargs):
+  return testing.random_scene(seed, counts, **FLAT, **kwargs)
 
 
 def brute_force_simota(cost, iou, live, valid, top=20):
@@ -258,7 +251,7 @@ def test_config_validation():
   config = reorg_jax.LossConfig.p6(80)
   assert hash(config) == hash(reorg_jax.LossConfig.p6(80))
   assert (config.num_levels, config.num_anchors) == (4, 3)
-  assert assigner.slot_layout(config, 7)[0].shape == (4 * 5 * 3 * 7,)
+  assert SlotLayout(config, ((80, 80), (40, 40), (20, 20), (10, 10)), 7).num_slots == 4 * 5 * 3 * 7
 
 
 def test_single_class_has_no_class_loss():

@@ -13,32 +13,21 @@ import reorg_jax
 from reorg_jax import testing
 from reorg_jax.loss import _assign as assigner
 from reorg_jax.loss import _packed as compact
+from reorg_jax.loss._slots import SlotLayout
 
 HW = (320, 320)
 
 
-def scene(seed, counts, *, num_classes=5, max_boxes=12, image_hw=HW, on_corners=False):
-  rng = np.random.default_rng(seed)
-  config = reorg_jax.LossConfig.p6(num_classes)
-  labels = testing.random_labels(
-    rng, boxes_per_image=counts, num_classes=num_classes, image_hw=image_hw
-  )
-  if on_corners:
-    # Centres on multiples of 1/16 lie on cell corners of every level at 320 and 640 px,
-    # where the fine right/down neighbour is the centre cell itself.
-    labels[:, 2:4] = np.round(labels[:, 2:4] * 16) / 16
-    labels[:, 2:4] = np.clip(labels[:, 2:4], 1 / 16, 15 / 16)
-  targets = reorg_jax.Targets.from_yolo(labels, len(counts), max_boxes, num_classes=num_classes)
-  outputs = testing.random_head_outputs(rng, config, batch_size=len(counts), image_hw=image_hw)
-  return config, targets, [jnp.asarray(o) for o in outputs]
+def scene(seed, counts, *, on_corners=False, **kwargs):
+  return testing.random_scene(seed, counts, corner_centres=on_corners, **kwargs)
 
 
 def packed_assignments(lead, targets, image_hw, config, capacity):
-  grids = assigner.grid_shapes(lead, config)
-  slots = compact.head_slots(targets, grids, config)
+  layout = SlotLayout(config, assigner.grid_shapes(lead, config), targets.max_boxes)
+  slots = compact.head_slots(targets, layout)
   slot, filled = compact.pack(slots.live, capacity)
-  preds = compact.rows_at(lead, slot, slots, config)
-  return slots, compact.assign_packed(preds, slot, filled, slots, targets, image_hw, config)
+  preds = compact.rows_at(lead, slot, slots, layout)
+  return slots, compact.assign_packed(preds, slot, filled, slots, targets, image_hw, layout)
 
 
 CASES = {
@@ -55,9 +44,9 @@ def test_packed_assignment_equals_assign_at_every_capacity(case):
   image_hw = kwargs.get('image_hw', HW)
   config, targets, outputs = scene(**kwargs)
   lead = outputs[:4]
-  num_slots = assigner.slot_layout(config, targets.max_boxes)[0].shape[0]
-  grids = assigner.grid_shapes(lead, config)
-  needed = int(jnp.max(jnp.sum(compact.head_slots(targets, grids, config).live, axis=1)))
+  layout = SlotLayout(config, assigner.grid_shapes(lead, config), targets.max_boxes)
+  num_slots = layout.num_slots
+  needed = int(jnp.max(jnp.sum(compact.head_slots(targets, layout).live, axis=1)))
   want = {
     coarse: reorg_jax.assign(lead, targets, image_hw, config, coarse=coarse)
     for coarse in (False, True)
@@ -79,9 +68,9 @@ def test_packed_assignment_equals_assign_at_every_capacity(case):
 @pytest.mark.parametrize('on_corners', [False, True])
 def test_fine_slots_sit_on_live_coarse_cells(on_corners):
   config, targets, outputs = scene(4, [12, 12, 5, 0], on_corners=on_corners)
-  grids = assigner.grid_shapes(outputs[:4], config)
-  slots = compact.head_slots(targets, grids, config)
-  fine_gj, fine_gi, fine_live = assigner.find_candidates(targets, grids, config, coarse=False)
+  layout = SlotLayout(config, assigner.grid_shapes(outputs[:4], config), targets.max_boxes)
+  slots = compact.head_slots(targets, layout)
+  fine_gj, fine_gi, fine_live = assigner.find_candidates(targets, layout, coarse=False)
   fine_live = np.asarray(fine_live)
   source = np.asarray(slots.fine_source)
   rows = np.arange(source.shape[0])[:, None]

@@ -24,14 +24,9 @@ HW = (64, 64)
 
 def _scene(*, batch: int, num_classes: int, max_boxes: int = 3, seed: int = 0):
   """``(config, targets, outputs)``: a P6 loss config and a random scene of ``batch`` images."""
-  rng = np.random.default_rng(seed)
-  config = reorg_jax.LossConfig.p6(num_classes)
-  labels = testing.random_labels(
-    rng, boxes_per_image=[2] * batch, num_classes=num_classes, image_hw=HW
+  return testing.random_scene(
+    seed, [2] * batch, num_classes=num_classes, max_boxes=max_boxes, image_hw=HW
   )
-  targets = reorg_jax.Targets.from_yolo(labels, batch, max_boxes, num_classes=num_classes)
-  outputs = testing.random_head_outputs(rng, config, batch_size=batch, image_hw=HW)
-  return config, targets, [jnp.asarray(x) for x in outputs]
 
 
 def _trace(outputs, targets, config, image_hw=HW):

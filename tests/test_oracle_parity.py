@@ -36,6 +36,7 @@ import torch
 import reorg_jax
 from reorg_jax import testing
 from reorg_jax.loss import _assign as assigner
+from reorg_jax.loss._slots import SlotLayout
 
 REL_TIE = 1e-5
 
@@ -248,12 +249,11 @@ def test_candidates_equal_upstream_find_positive():
   p = [torch.from_numpy(o) for o in outputs[: config.num_levels]]
   rows = torch.from_numpy(targets.to_yolo())
   grids = assigner.grid_shapes(outputs[: config.num_levels], config)
+  layout = SlotLayout(config, grids, targets.max_boxes)
   for coarse, find in ((False, reference.find_3_positive), (True, reference.find_5_positive)):
     indices, _ = find(p, rows)
-    gj, gi, live = (
-      np.asarray(x) for x in assigner.find_candidates(targets, grids, config, coarse=coarse)
-    )
-    level, anchor = assigner.slot_layout(config, targets.max_boxes)
+    gj, gi, live = (np.asarray(x) for x in assigner.find_candidates(targets, layout, coarse=coarse))
+    level, anchor = layout.level, layout.anchor
     for lv, (b, a, j, i) in enumerate(indices):
       expected = collections.Counter(
         zip(b.tolist(), a.tolist(), j.tolist(), i.tolist(), strict=True)

@@ -5,12 +5,10 @@ per image, ``O = 5`` cell offsets (centre, left, up, right, down),
 ``K = L * O * A * M`` candidate slots per image, ``C`` classes, ``H_l``/``W_l``
 the grid of level ``l``.
 
-Every image owns ``K`` candidate slots laid out as ``[L, O, A, M]``: slot
-``((l * O + o) * A + a) * M + m`` is "box ``m``, anchor ``a``, offset ``o`` on
-level ``l``". That is the order upstream's ``find_3_positive`` /
-``find_5_positive`` produce candidates in (level, then offset, then anchor,
-then box), so positions, tie-breaks and the order in which duplicate
-positives write objectness all follow upstream. A slot is *live* when the box
+Every image owns ``K`` candidate slots laid out as ``[L, O, A, M]``
+(:class:`~reorg_jax.loss._slots.SlotLayout`, which every slot index goes
+through), in the order upstream's ``find_3_positive`` / ``find_5_positive``
+produce candidates. A slot is *live* when the box
 is real, the anchor shape fits the box (``max(r, 1/r) < anchor_t``) and the
 offset applies; dead slots are masked, never dropped.
 
@@ -30,9 +28,9 @@ import numpy as np
 
 from reorg_jax import boxes as box_lib
 from reorg_jax.loss._config import LossConfig
+from reorg_jax.loss._slots import SlotLayout
 from reorg_jax.targets import Targets
 
-NUM_OFFSETS = 5
 # Grid offsets in units of the neighbourhood radius g, subtracted from the box
 # centre: centre, left (x - g), up (y - g), right (x + g), down (y + g).
 _OFFSETS = np.array([[0, 0], [1, 0], [0, 1], [-1, 0], [0, -1]], np.float32)
@@ -96,28 +94,8 @@ def check_image_hw(
       )
 
 
-def slot_layout(config: LossConfig, max_boxes: int) -> tuple[np.ndarray, np.ndarray]:
-  """Static level and anchor index of every slot: two ``[K]`` int32 arrays."""
-  shape = (config.num_levels, NUM_OFFSETS, config.num_anchors, max_boxes)
-  level = np.broadcast_to(np.arange(shape[0])[:, None, None, None], shape)
-  anchor = np.broadcast_to(np.arange(shape[2])[None, None, :, None], shape)
-  return level.reshape(-1).astype(np.int32), anchor.reshape(-1).astype(np.int32)
-
-
-def anchors_in_cells(config: LossConfig) -> list[jax.Array]:
-  """``L`` arrays ``[A, 2]``: anchors divided by their level's stride, in float32."""
-  return [
-    jnp.asarray(row, jnp.float32) / jnp.float32(stride)
-    for row, stride in zip(config.anchors, config.strides, strict=True)
-  ]
-
-
 def find_candidates(
-  targets: Targets,
-  grids: Sequence[tuple[int, int]],
-  config: LossConfig,
-  *,
-  coarse: bool,
+  targets: Targets, layout: SlotLayout, *, coarse: bool
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Candidate cells of every box: upstream's ``find_3_positive`` / ``find_5_positive``.
 
@@ -129,8 +107,7 @@ def find_candidates(
 
   Args:
     targets: ``[B, M, ...]`` boxes.
-    grids: ``L`` grid shapes ``(H_l, W_l)``.
-    config: head geometry.
+    layout: the slots of ``L`` grids and ``M`` boxes.
     coarse: ``g = 1.0`` (auxiliary head) instead of ``g = 0.5`` (lead head).
 
   Returns:
@@ -138,9 +115,10 @@ def find_candidates(
     slots) and ``live`` (``[B, K]`` bool).
   """
   g = 1.0 if coarse else 0.5
+  config = layout.config
   offsets = jnp.asarray(_OFFSETS * g)  # [O, 2]
   gjs, gis, lives = [], [], []
-  for (grid_h, grid_w), anchors in zip(grids, anchors_in_cells(config), strict=True):
+  for (grid_h, grid_w), anchors in zip(layout.grids, layout.level_anchors(), strict=True):
     gain = jnp.asarray([grid_w, grid_h], jnp.float32)
     gxy = targets.boxes[..., :2].astype(jnp.float32) * gain  # [B, M, 2]
     gwh = targets.boxes[..., 2:].astype(jnp.float32) * gain
@@ -168,66 +146,45 @@ def find_candidates(
     gis.append(jnp.broadcast_to(gi[:, :, None, :], live.shape))  # [B, O, A, M]
     gjs.append(jnp.broadcast_to(gj[:, :, None, :], live.shape))
     lives.append(live)
-  batch = targets.batch_size
-
-  def flat(parts: list[jax.Array]) -> jax.Array:
-    return jnp.stack(parts, axis=1).reshape(batch, -1)  # [B, K]
-
-  live = flat(lives)
-  return jnp.where(live, flat(gjs), 0), jnp.where(live, flat(gis), 0), live
+  live = layout.from_levels(lives)  # [B, K]
+  return (
+    jnp.where(live, layout.from_levels(gjs), 0),
+    jnp.where(live, layout.from_levels(gis), 0),
+    live,
+  )
 
 
 def gather_cells(
-  outputs: Sequence[jax.Array], anchor: np.ndarray, gj: jax.Array, gi: jax.Array
+  outputs: Sequence[jax.Array], layout: SlotLayout, gj: jax.Array, gi: jax.Array
 ) -> jax.Array:
-  """Predictions at candidate slots.
+  """Predictions at all ``K`` candidate slots.
 
   Args:
     outputs: ``L`` arrays ``[B, A, H_l, W_l, F]``.
-    anchor: ``[K]`` static anchor index per slot (slots are level-major, each
-      level holding ``K / L`` of them).
+    layout: the slots.
     gj, gi: ``[B, K]`` cells.
 
   Returns:
     ``[B, K, F]``.
   """
-  per_level = anchor.shape[0] // len(outputs)
   pieces = []
   for level, out in enumerate(outputs):
     batch, num_anchors, grid_h, grid_w, features = out.shape
-    part = slice(level * per_level, (level + 1) * per_level)
-    flat_index = (jnp.asarray(anchor[part]) * grid_h + gj[:, part]) * grid_w + gi[:, part]
+    part = layout.level_slice(level)
+    row = layout.level_row(level, jnp.asarray(layout.anchor[part]), gj[:, part], gi[:, part])
     table = out.reshape(batch, num_anchors * grid_h * grid_w, features)
-    pieces.append(jnp.take_along_axis(table, flat_index[..., None], axis=1))  # [B, K/L, F]
+    pieces.append(jnp.take_along_axis(table, row[..., None], axis=1))  # [B, S, F]
   return jnp.concatenate(pieces, axis=1)
 
 
-def slot_geometry(config: LossConfig, max_boxes: int) -> tuple[np.ndarray, np.ndarray]:
-  """Static stride (``[K]``) and anchor size in grid cells (``[K, 2]``) of every slot."""
-  level, anchor = slot_layout(config, max_boxes)
-  stride = np.asarray(config.strides, np.float32)[level]
-  anchor_wh = (
-    np.asarray(config.anchors, np.float32) / np.asarray(config.strides, np.float32)[:, None, None]
-  )  # [L, A, 2]
-  return stride, anchor_wh[level, anchor]
-
-
 def decode_pixels(
-  preds: jax.Array, gj: jax.Array, gi: jax.Array, stride: jax.Array, anchor_wh: jax.Array
+  preds: jax.Array, slot: jax.Array, gj: jax.Array, gi: jax.Array, layout: SlotLayout
 ) -> jax.Array:
-  """Pixel ``xyxy`` boxes ``[B, N, 4]`` of raw predictions at ``N`` slots.
+  """Pixel ``xyxy`` boxes ``[B, N, 4]`` of raw predictions ``[B, N, F]`` at ``[B, N]`` cells.
 
-  Args:
-    preds: ``[B, N, 5 + C]`` raw logits.
-    gj, gi: ``[B, N]`` cells.
-    stride: ``[N]`` or ``[B, N]`` stride of each slot's level.
-    anchor_wh: ``[N, 2]`` or ``[B, N, 2]`` anchor in grid cells.
+  ``slot`` (``[N]`` or ``[B, N]``) gives each prediction's level and anchor.
   """
-  cell_xy = jnp.stack([gi, gj], axis=-1).astype(jnp.float32)  # [B, N, 2]
-  stride = stride[..., None]
-  pred_xy = (jax.nn.sigmoid(preds[..., :2]) * 2.0 - 0.5 + cell_xy) * stride
-  pred_wh = (jax.nn.sigmoid(preds[..., 2:4]) * 2.0) ** 2 * anchor_wh * stride
-  return box_lib.cxcywh_to_xyxy(jnp.concatenate([pred_xy, pred_wh], axis=-1))
+  return box_lib.cxcywh_to_xyxy(layout.decode(preds, slot, cells=(gj, gi)))
 
 
 def _class_score(cls_logit: jax.Array, obj_logit: jax.Array) -> jax.Array:
@@ -347,11 +304,10 @@ def candidate_costs(
   check_image_hw(image_hw, grids, config)
   lead = [jax.lax.stop_gradient(out) for out in lead]
   targets = jax.lax.stop_gradient(targets)
-  _, anchor = slot_layout(config, targets.max_boxes)
-  stride, anchor_wh = slot_geometry(config, targets.max_boxes)
-  gj, gi, live = find_candidates(targets, grids, config, coarse=coarse)
-  preds = gather_cells(lead, anchor, gj, gi).astype(jnp.float32)  # [B, K, 5 + C]
-  pred_xyxy = decode_pixels(preds, gj, gi, jnp.asarray(stride), jnp.asarray(anchor_wh))
+  layout = SlotLayout(config, grids, targets.max_boxes)
+  gj, gi, live = find_candidates(targets, layout, coarse=coarse)
+  preds = gather_cells(lead, layout, gj, gi).astype(jnp.float32)  # [B, K, F]
+  pred_xyxy = decode_pixels(preds, jnp.arange(layout.num_slots), gj, gi, layout)
   total = class_total(preds)
   class_logit = class_logits_at(preds, targets.classes)
   iou, cost = pair_scores(pred_xyxy, total, class_logit, live, targets, image_hw, config)
@@ -439,11 +395,11 @@ def assign(
   """
   scores = candidate_costs(lead, targets, image_hw, config, coarse=coarse)
   positive, gt, dynamic_k = simota(scores.iou, scores.cost, scores.live, targets.valid, config)
-  level, anchor = slot_layout(config, targets.max_boxes)
-  batch = targets.batch_size
+  layout = SlotLayout(config, grid_shapes(lead, config), targets.max_boxes)
+  shape = (targets.batch_size, layout.num_slots)
   return Assignment(
-    level=jnp.broadcast_to(jnp.asarray(level), (batch, level.shape[0])),
-    anchor=jnp.broadcast_to(jnp.asarray(anchor), (batch, anchor.shape[0])),
+    level=jnp.broadcast_to(jnp.asarray(layout.level), shape),
+    anchor=jnp.broadcast_to(jnp.asarray(layout.anchor), shape),
     gj=scores.gj,
     gi=scores.gi,
     gt=gt,

@@ -41,9 +41,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from reorg_jax import boxes as box_lib
-from reorg_jax.loss import _assign as assigner
-from reorg_jax.loss import _packed as compact
+from reorg_jax.loss import _assign, _packed
 from reorg_jax.loss._config import LossConfig
+from reorg_jax.loss._slots import SlotLayout, take_rows
 from reorg_jax.targets import Targets
 
 
@@ -88,10 +88,9 @@ def _class_bce_sums(
   smooth = config.label_smoothing
   high, low = 1.0 - 0.5 * smooth, 0.5 * smooth
   pw = config.cls_pw
-  rows_of = jax.vmap(lambda values, index: values[index])  # [R] by [N] -> [N]
   logits = rows[..., 5:]
-  softplus_sum = rows_of(jnp.sum(softplus(logits), axis=-1), place)  # [B, N]
-  logit_sum = rows_of(jnp.sum(logits, axis=-1), place)
+  softplus_sum = take_rows(jnp.sum(softplus(logits), axis=-1), place)  # [B, N]
+  logit_sum = take_rows(jnp.sum(logits, axis=-1), place)
   true_logit = jax.vmap(lambda values, row, c: values[row, c])(logits, place, true_class)
   return (
     (1.0 + (pw - 1.0) * low) * softplus_sum
@@ -102,11 +101,10 @@ def _class_bce_sums(
 
 def _head_terms(
   rows: jax.Array,
-  packed: compact.PackedAssignment,
-  slots: compact.HeadSlots,
+  packed: _packed.PackedAssignment,
+  slots: _packed.HeadSlots,
   targets: Targets,
-  grids: tuple[tuple[int, int], ...],
-  config: LossConfig,
+  layout: SlotLayout,
 ) -> dict[str, jax.Array]:
   """Per-level sums of one head's loss terms at its packed positives.
 
@@ -116,41 +114,31 @@ def _head_terms(
       each entry.
     slots: candidate cells.
     targets: ``[B, M, ...]`` boxes.
-    grids: ``L`` grid shapes.
-    config: head geometry and hyper-parameters.
+    layout: the slots; its ``config`` gives the hyper-parameters.
 
   Returns:
     ``[L]`` arrays: ``box`` (sum of ``1 - CIoU``), ``positives``, ``cls``
     (sum of class BCE over positives and classes) and ``obj`` (the
     objectness correction summed over the cells that positives write).
   """
-  rows_of = jax.vmap(lambda values, index: values[index])  # [K, ...] by [N] -> [N, ...]
+  config = layout.config
   levels = config.num_levels
-  level_of, anchor_of = assigner.slot_layout(config, targets.max_boxes)
-  _, anchor_wh = assigner.slot_geometry(config, targets.max_boxes)
-  grid = np.asarray(grids, np.int32)  # [L, 2] (H, W)
-  num_cells = int(np.sum(config.num_anchors * grid[:, 0] * grid[:, 1]))
-
-  level = jnp.asarray(level_of)[packed.slot]  # [B, N]
-  anchor = jnp.asarray(anchor_of)[packed.slot]
-  grid_h, grid_w = jnp.asarray(grid[:, 0])[level], jnp.asarray(grid[:, 1])[level]
-  gj, gi = rows_of(slots.gj, packed.source), rows_of(slots.gi, packed.source)
+  level = jnp.asarray(layout.level)[packed.slot]  # [B, N]
+  gj, gi = take_rows(slots.gj, packed.source), take_rows(slots.gi, packed.source)
   positive = packed.positive & packed.filled
-  preds = rows_of(rows[..., :5], packed.place)  # [B, N, 5]
+  preds = take_rows(rows[..., :5], packed.place)  # [B, N, 5]
 
-  pred_xy = jax.nn.sigmoid(preds[..., :2]) * 2.0 - 0.5
-  pred_wh = (jax.nn.sigmoid(preds[..., 2:4]) * 2.0) ** 2 * jnp.asarray(anchor_wh)[packed.slot]
-  gain = jnp.stack([grid_w, grid_h], axis=-1).astype(jnp.float32)  # [B, N, 2]
-  true = rows_of(targets.boxes, packed.gt).astype(jnp.float32)  # [B, N, 4]
+  gain = jnp.asarray(layout.grid_wh)[packed.slot]  # [B, N, 2]
+  true = take_rows(targets.boxes, packed.gt).astype(jnp.float32)  # [B, N, 4]
   cell = jnp.stack([gi, gj], axis=-1).astype(jnp.float32)
   true = jnp.concatenate([true[..., :2] * gain - cell, true[..., 2:] * gain], axis=-1)
-  ciou = box_lib.ciou_cxcywh(jnp.concatenate([pred_xy, pred_wh], axis=-1), true)  # [B, N]
+  ciou = box_lib.ciou_cxcywh(layout.decode(preds, packed.slot), true)  # [B, N]
   terms = {
     'box': _level_sums(jnp.where(positive, 1.0 - ciou, 0.0), level, levels),
     'positives': _level_sums(positive.astype(jnp.float32), level, levels),
   }
   if config.num_classes > 1:
-    true_class = rows_of(targets.classes, packed.gt)
+    true_class = take_rows(targets.classes, packed.gt)
     bce = _class_bce_sums(rows, packed.place, true_class, config)
     terms['cls'] = _level_sums(jnp.where(positive, bce, 0.0), level, levels)
   else:
@@ -160,7 +148,8 @@ def _head_terms(
   # anchor). Upstream's indexed write leaves the order unspecified; on CPU the
   # last write wins. Here the rule is explicit: the last positive in slot order.
   batch, places = positive.shape
-  flat_cell = compact.cell_index(level, anchor, gj, gi, grids, config.num_anchors)  # [B, N]
+  num_cells = layout.num_cells
+  flat_cell = layout.cell_row(packed.slot, gj, gi)  # [B, N]
   order = jnp.where(positive, jnp.arange(places), -1)
   rows = jnp.arange(batch)[:, None]
   last = jnp.full((batch, num_cells + 1), -1, jnp.int32)
@@ -176,59 +165,65 @@ def _head_terms(
 _TERMS = ('box', 'positives', 'cls', 'obj')
 
 
-def _group_terms(
-  outputs: Sequence[jax.Array],
-  slots: compact.HeadSlots,
-  targets: Targets,
-  grids: tuple[tuple[int, int], ...],
-  image_hw: tuple[int, int],
-  config: LossConfig,
-  *,
-  images: slice,
-  capacity: int,
-  with_gradient: bool,
-):
-  """Both heads' per-level loss sums over a group of images, on packed slots.
+def _group_heads(outputs, slots, targets, layout, image_hw, *, images: slice, capacity: int):
+  """Both heads of one image group on ``N = capacity`` packed slots.
 
   Args:
     outputs: the ``2L`` head outputs of the whole batch.
     slots, targets: candidates and boxes of the whole batch.
-    grids, image_hw, config: as in :func:`aux_ota_loss`.
+    layout, image_hw: as in :func:`aux_ota_loss`.
     images: static batch slice of the group (``G`` images); the group is cut
       out here, inside the caller's branch, so no output is copied.
     capacity: ``N``, at least the group's largest live slot count.
-    with_gradient: also return gradients.
 
   Returns:
-    ``terms`` (``[2, 4, L]``: lead and auxiliary x :data:`_TERMS` x levels,
-    unweighted sums) and, with ``with_gradient``, each head's gradient of its
-    ``sum(box) + sum(obj) + sum(cls)`` with respect to its rows at all ``K``
-    slots (``2 x [G, K, F]``). The three sums touch disjoint channels (box:
-    0-3, objectness: 4, class: 5 on), so their per-level weights can be
-    applied to the gradient later, channel by channel.
+    ``heads`` (lead then auxiliary: each the ``[G, N, F]`` rows at the packed
+    coarse places and a function of those rows giving ``sum(box) + sum(obj) +
+    sum(cls)`` and the ``[4, L]`` :data:`_TERMS` sums), the packed ``slot``
+    and ``filled`` (``[G, N]``) and the group's ``slots``.
   """
-  levels = config.num_levels
+  levels = layout.config.num_levels
   outputs = [out[images] for out in outputs]
   slots = jax.tree.map(lambda x: x[images], slots)
   targets = jax.tree.map(lambda x: x[images], targets)
   lead, aux = outputs[:levels], outputs[levels:]
-  slot, filled = compact.pack(slots.live, capacity)
-  lead_preds = compact.rows_at(lead, slot, slots, config).astype(jnp.float32)  # [G, N, F]
-  fine, coarse = compact.assign_packed(lead_preds, slot, filled, slots, targets, image_hw, config)
-  aux_preds = compact.rows_at(aux, slot, slots, config).astype(jnp.float32)
-  terms, gradients = [], []
+  slot, filled = _packed.pack(slots.live, capacity)
+  lead_preds = _packed.rows_at(lead, slot, slots, layout).astype(jnp.float32)  # [G, N, F]
+  fine, coarse = _packed.assign_packed(lead_preds, slot, filled, slots, targets, image_hw, layout)
+  aux_preds = _packed.rows_at(aux, slot, slots, layout).astype(jnp.float32)
+  heads = []
   # Both heads read their rows at the coarse places: the fine head's entries
   # point into them through ``place``, so its gradient lands on coarse slots.
   for rows, packed in ((lead_preds, fine), (aux_preds, coarse)):
 
     def head_sums(rows, packed=packed):
-      head = _head_terms(rows, packed, slots, targets, grids, config)
+      head = _head_terms(rows, packed, slots, targets, layout)
       total = jnp.sum(head['box']) + jnp.sum(head['obj']) + jnp.sum(head['cls'])
       return total, jnp.stack([head[name] for name in _TERMS])
 
-    if not with_gradient:
-      terms.append(head_sums(rows)[1])
-      continue
+    heads.append((rows, head_sums))
+  return heads, slot, filled, slots
+
+
+def _group_terms(*args, images: slice, capacity: int) -> jax.Array:
+  """``[2, 4, L]`` (lead, auxiliary) x :data:`_TERMS` x levels: unweighted sums of a group."""
+  heads, _, _, _ = _group_heads(*args, images=images, capacity=capacity)
+  return jnp.stack([head_sums(rows)[1] for rows, head_sums in heads])
+
+
+def _group_terms_and_gradients(
+  *args, images: slice, capacity: int
+) -> tuple[jax.Array, list[jax.Array]]:
+  """:func:`_group_terms` and each head's gradient of its ``sum(box) + sum(obj) + sum(cls)``.
+
+  The gradients are with respect to the head's rows at all ``K`` slots
+  (``2 x [G, K, F]``). The three sums touch disjoint channels (box: 0-3,
+  objectness: 4, class: 5 on), so their per-level weights can be applied to
+  the gradient later, channel by channel.
+  """
+  heads, slot, filled, slots = _group_heads(*args, images=images, capacity=capacity)
+  terms, gradients = [], []
+  for rows, head_sums in heads:
     _, pullback, head = jax.vjp(head_sums, rows, has_aux=True)
     (gradient,) = pullback(jnp.ones((), jnp.float32))  # [G, N, F]
     batch, num_slots = slots.live.shape
@@ -248,102 +243,100 @@ def _batch_groups(batch: int, config: LossConfig) -> list[slice]:
   return [slice(start, stop) for start, stop in zip(bounds[:-1], bounds[1:], strict=True)]
 
 
-def _level_weights(terms: jax.Array, batch: int, grids, config: LossConfig) -> jax.Array:
+def _level_weights(terms: jax.Array, batch: int, layout: SlotLayout) -> jax.Array:
   """``[2, 3, L]`` weight of each head's (box, obj, cls) sum at each level.
 
   Box and class are means over the level's positives (0 for a level without
   any; class also over classes), the objectness correction is divided by the
   level's cell count and weighted by ``balance``.
   """
-  cells = np.asarray([config.num_anchors * h * w * batch for h, w in grids], np.float32)
   count = jnp.maximum(terms[:, _TERMS.index('positives')], 1.0)  # [2, L]
-  obj = jnp.broadcast_to(np.asarray(config.balance, np.float32) / cells, count.shape)
-  return jnp.stack([1.0 / count, obj, 1.0 / (count * config.num_classes)], axis=1)
+  obj = jnp.broadcast_to(np.asarray(layout.objectness_weight(batch), np.float32), count.shape)
+  return jnp.stack([1.0 / count, obj, 1.0 / (count * layout.config.num_classes)], axis=1)
 
 
-def _flat_cells(slots: compact.HeadSlots, grids, config: LossConfig) -> list[jax.Array]:
-  """Per level, ``[B, S]`` row ``(a * H_l + gj) * W_l + gi`` of each slot of the level."""
-  _, anchor = assigner.slot_layout(config, slots.max_boxes)
-  per_level = anchor.shape[0] // config.num_levels
-  index = []
-  for level, (grid_h, grid_w) in enumerate(grids):
-    part = slice(level * per_level, (level + 1) * per_level)
-    gj, gi = slots.gj[:, part], slots.gi[:, part]
-    index.append((jnp.asarray(anchor[part]) * grid_h + gj) * grid_w + gi)
-  return index
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def _loss_parts(outputs, slots, targets, grids, image_hw, config):
-  """``[2, 3]``: (lead, aux) x (box, objectness, class), before gains and head weights."""
-  return _loss_parts_forward(outputs, slots, targets, grids, image_hw, config, False)[0]
-
-
-def _dense_objectness(outputs, grids, config: LossConfig) -> tuple[jax.Array, list[jax.Array]]:
+def _dense_objectness(outputs, layout: SlotLayout) -> tuple[jax.Array, list[jax.Array]]:
   """Each head's ``sum_l balance_l * mean softplus(objectness)``, in column 1 of a ``[2, 3]``.
 
   Also returns ``sigmoid(objectness)`` of each output (``[B, A, H_l, W_l]``),
   its derivative, so that the backward pass does not read the outputs again.
   """
-  levels = config.num_levels
-  batch = outputs[0].shape[0]
+  levels = layout.config.num_levels
+  weights = layout.objectness_weight(outputs[0].shape[0])
   dense, sigmoids = [], []
   for head in (outputs[:levels], outputs[levels:]):
     total = jnp.zeros((), jnp.float32)
     for level, out in enumerate(head):
-      grid_h, grid_w = grids[level]
-      cells = batch * config.num_anchors * grid_h * grid_w
-      weight = config.balance[level] / cells
       logits = out[..., 4].astype(jnp.float32)
-      total = total + weight * jnp.sum(softplus(logits))
+      total = total + weights[level] * jnp.sum(softplus(logits))
       sigmoids.append(jax.nn.sigmoid(logits))
     dense.append(jnp.stack([jnp.zeros(()), total, jnp.zeros(())]))
   return jnp.stack(dense), sigmoids
 
 
-def _loss_parts_forward(outputs, slots, targets, grids, image_hw, config, with_gradient=True):
-  ladder = compact.capacities(slots.live.shape[1], config)
-  batch = outputs[0].shape[0]
-  terms, gradients = [], [[], []]
-  # One capacity switch per image group: the groups are independent, so the
-  # runtime can execute them side by side (XLA:CPU runs each branch on one core).
-  for images in _batch_groups(batch, config):
+def _with_static(branch, layout: SlotLayout, image_hw: tuple[int, int]):
+  """``branch`` with its static ``layout`` and ``image_hw`` bound (switch operands are arrays)."""
+
+  def bound(outputs, slots, targets, **kwargs):
+    return branch(outputs, slots, targets, layout, image_hw, **kwargs)
+
+  return bound
+
+
+def _capacity_switch(branch, outputs, slots, targets, layout, image_hw):
+  """Runs ``branch`` on each image group at the smallest capacity that holds it.
+
+  One capacity switch per image group: the groups are independent, so the
+  runtime can execute them side by side (XLA:CPU runs each branch on one core).
+  Returns the list of the groups' results.
+  """
+  config = layout.config
+  ladder = _packed.capacities(layout.num_slots, config)
+  results = []
+  for images in _batch_groups(outputs[0].shape[0], config):
     branches = [
-      functools.partial(
-        _group_terms,
-        grids=grids,
-        image_hw=image_hw,
-        config=config,
-        images=images,
-        capacity=capacity,
-        with_gradient=with_gradient,
-      )
+      functools.partial(_with_static(branch, layout, image_hw), images=images, capacity=capacity)
       for capacity in ladder
     ]
-    index = compact.capacity_index(slots.live[images], ladder)
-    group_terms, group_gradients = jax.lax.switch(index, branches, outputs, slots, targets)
-    terms.append(group_terms)
-    for head, gradient in enumerate(group_gradients):
-      gradients[head].append(gradient)
+    index = _packed.capacity_index(slots.live[images], ladder)
+    results.append(jax.lax.switch(index, branches, outputs, slots, targets))
+  return results
+
+
+def _weighted(terms: list[jax.Array], outputs, layout: SlotLayout):
+  """``[2, 3]`` loss parts from the groups' ``[2, 4, L]`` sums, and the level weights."""
   terms = sum(terms[1:], terms[0])  # [2, 4, L]
-  weights = _level_weights(terms, batch, grids, config)  # [2, 3, L]
+  weights = _level_weights(terms, outputs[0].shape[0], layout)  # [2, 3, L]
   sums = terms[:, [_TERMS.index('box'), _TERMS.index('obj'), _TERMS.index('cls')]]
-  sparse = jnp.sum(weights * sums, axis=-1)  # [2, 3]
-  dense, sigmoids = _dense_objectness(outputs, grids, config)
-  if not with_gradient:
-    return sparse + dense, None
-  gradients = [jnp.concatenate(head, axis=0) for head in gradients]  # 2 x [B, K, F]
+  return jnp.sum(weights * sums, axis=-1), weights
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _loss_parts(outputs, slots, targets, layout, image_hw):
+  """``[2, 3]``: (lead, aux) x (box, objectness, class), before gains and head weights."""
+  terms = _capacity_switch(_group_terms, outputs, slots, targets, layout, image_hw)
+  sparse, _ = _weighted(terms, outputs, layout)
+  dense, _ = _dense_objectness(outputs, layout)
+  return sparse + dense
+
+
+def _loss_parts_forward(outputs, slots, targets, layout, image_hw):
+  groups = _capacity_switch(_group_terms_and_gradients, outputs, slots, targets, layout, image_hw)
+  sparse, weights = _weighted([terms for terms, _ in groups], outputs, layout)
+  dense, sigmoids = _dense_objectness(outputs, layout)
+  gradients = [
+    jnp.concatenate([group[head] for _, group in groups], axis=0) for head in range(2)
+  ]  # 2 x [B, K, F]
   return sparse + dense, (outputs, sigmoids, slots, gradients, weights)
 
 
-def _loss_parts_backward(grids, image_hw, config, residuals, cotangent):
+def _loss_parts_backward(layout, image_hw, residuals, cotangent):
   """Each output's gradient written once: objectness everywhere, the rest at candidate rows."""
   del image_hw
   outputs, sigmoids, slots, gradients, weights = residuals
-  levels = config.num_levels
-  num_classes = config.num_classes
-  flat_index = _flat_cells(slots, grids, config)
-  per_level = slots.live.shape[1] // levels
+  levels = layout.config.num_levels
+  num_classes = layout.config.num_classes
+  obj_weights = layout.objectness_weight(outputs[0].shape[0])
   result = []
   for head in range(2):
     box, obj, cls = cotangent[head, 0], cotangent[head, 1], cotangent[head, 2]
@@ -354,12 +347,15 @@ def _loss_parts_backward(grids, image_hw, config, residuals, cotangent):
       )
       out = outputs[head * levels + level]
       batch, anchors, grid_h, grid_w, features = out.shape
-      weight = config.balance[level] / (batch * anchors * grid_h * grid_w)
       sigmoid = sigmoids[head * levels + level]
-      full = jnp.zeros(out.shape, jnp.float32).at[..., 4].set(obj * weight * sigmoid)
+      full = jnp.zeros(out.shape, jnp.float32).at[..., 4].set(obj * obj_weights[level] * sigmoid)
       full = full.reshape(batch, anchors * grid_h * grid_w, features)
-      rows = gradients[head][:, level * per_level : (level + 1) * per_level] * scale
-      full = full.at[jnp.arange(batch)[:, None], flat_index[level]].add(rows)
+      part = layout.level_slice(level)
+      row = layout.level_row(
+        level, jnp.asarray(layout.anchor[part]), slots.gj[:, part], slots.gi[:, part]
+      )
+      rows = gradients[head][:, part] * scale
+      full = full.at[jnp.arange(batch)[:, None], row].add(rows)
       result.append(full.reshape(out.shape).astype(out.dtype))
   return tuple(result), None, None
 
@@ -421,17 +417,18 @@ def aux_ota_loss(
       f'outputs must hold {levels} lead then {levels} auxiliary arrays, got {len(outputs)}'
     )
   lead, aux = list(outputs[:levels]), list(outputs[levels:])
-  grids = assigner.grid_shapes(lead, config)
-  if grids != assigner.grid_shapes(aux, config) or aux[0].shape[0] != lead[0].shape[0]:
+  grids = _assign.grid_shapes(lead, config)
+  if grids != _assign.grid_shapes(aux, config) or aux[0].shape[0] != lead[0].shape[0]:
     raise ValueError(
       'lead and auxiliary outputs must have the same shapes level by level, got lead '
       f'{[tuple(x.shape) for x in lead]} and auxiliary {[tuple(x.shape) for x in aux]}'
     )
-  assigner.check_image_hw(image_hw, grids, config)
+  _assign.check_image_hw(image_hw, grids, config)
   _check_targets(targets, batch=lead[0].shape[0], config=config)
   targets = jax.lax.stop_gradient(targets)
-  slots = compact.head_slots(targets, grids, config)
-  parts = _loss_parts(tuple(lead + aux), slots, targets, grids, tuple(image_hw), config)
+  layout = SlotLayout(config, grids, targets.max_boxes)
+  slots = _packed.head_slots(targets, layout)
+  parts = _loss_parts(tuple(lead + aux), slots, targets, layout, tuple(image_hw))
   weights = jnp.asarray([1.0, config.aux_weight], jnp.float32)
   box, obj, cls = jnp.sum(parts * weights[:, None], axis=0)
   box, obj, cls = box * config.box, obj * config.obj, cls * config.cls

@@ -33,10 +33,10 @@ from collections.abc import Sequence
 import flax.struct
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from reorg_jax.loss import _assign as assigner
+from reorg_jax.loss import _assign
 from reorg_jax.loss._config import LossConfig
+from reorg_jax.loss._slots import SlotLayout, take_rows
 from reorg_jax.targets import Targets
 
 
@@ -50,7 +50,6 @@ class HeadSlots:
     fine_live: ``[B, K]`` the slot is a fine (lead-head) candidate.
     fine_source: ``[B, K]`` int32 coarse slot on the fine slot's cell: the slot
       itself, or the centre slot of the same box, anchor and level.
-    max_boxes: ``M`` (static).
   """
 
   gj: jax.Array
@@ -58,31 +57,21 @@ class HeadSlots:
   live: jax.Array
   fine_live: jax.Array
   fine_source: jax.Array
-  max_boxes: int = flax.struct.field(pytree_node=False)
 
 
-def head_slots(targets: Targets, grids: Sequence[tuple[int, int]], config: LossConfig) -> HeadSlots:
+def head_slots(targets: Targets, layout: SlotLayout) -> HeadSlots:
   """Candidates of both heads (upstream's ``find_5_positive`` and ``find_3_positive``).
 
   Fine cells are ``floor(xy -/+ 0.5)``, coarse ones ``floor(xy -/+ 1)``; the
   two agree wherever the fine offset applies, except that on an integer
   coordinate the fine right/down neighbour is the centre cell.
   """
-  gj, gi, live = assigner.find_candidates(targets, grids, config, coarse=True)
-  fine_gj, fine_gi, fine_live = assigner.find_candidates(targets, grids, config, coarse=False)
-  per_offset = config.num_anchors * targets.max_boxes
-  slot = np.arange(gj.shape[1])
-  centre = jnp.asarray(slot - (slot // per_offset) % assigner.NUM_OFFSETS * per_offset)  # [K]
+  gj, gi, live = _assign.find_candidates(targets, layout, coarse=True)
+  fine_gj, fine_gi, fine_live = _assign.find_candidates(targets, layout, coarse=False)
+  slot = jnp.arange(layout.num_slots, dtype=jnp.int32)
   same = (fine_gj == gj) & (fine_gi == gi)
-  source = jnp.where(same, jnp.asarray(slot), centre[None, :]).astype(jnp.int32)
-  return HeadSlots(
-    gj=gj,
-    gi=gi,
-    live=live,
-    fine_live=fine_live,
-    fine_source=source,
-    max_boxes=targets.max_boxes,
-  )
+  source = jnp.where(same, slot, jnp.asarray(layout.centre_slot)[None, :])
+  return HeadSlots(gj=gj, gi=gi, live=live, fine_live=fine_live, fine_source=source)
 
 
 def capacities(num_slots: int, config: LossConfig) -> tuple[int, ...]:
@@ -125,7 +114,7 @@ class PackedAssignment:
 
   Attributes:
     slot: ``[B, N]`` slot index in the ``[B, K]`` layout (its level, anchor
-      and box follow from :func:`reorg_jax.loss._assign.slot_layout`).
+      and box follow from the :class:`~reorg_jax.loss._slots.SlotLayout`).
     source: ``[B, N]`` coarse slot on the same cell (``slot`` itself for the
       auxiliary head).
     place: ``[B, N]`` position of ``source`` in the packed coarse list.
@@ -154,29 +143,8 @@ class PackedAssignment:
     return positive, gt
 
 
-def cell_index(
-  level: jax.Array,
-  anchor: jax.Array,
-  gj: jax.Array,
-  gi: jax.Array,
-  grids: Sequence[tuple[int, int]],
-  num_anchors: int,
-) -> jax.Array:
-  """Row of each cell in one image's ``L`` levels of ``[A, H_l, W_l]`` cells, concatenated.
-
-  All arguments but the static ``grids`` and ``num_anchors`` are int arrays of
-  one shape (level ``l``, anchor ``a``, cell ``gj, gi``); the row is
-  ``first_row[l] + (a * H_l + gj) * W_l + gi``.
-  """
-  grid = np.asarray(grids, np.int32)  # [L, 2] (H, W)
-  cells = num_anchors * grid[:, 0] * grid[:, 1]
-  first_row = np.concatenate([[0], np.cumsum(cells)[:-1]]).astype(np.int32)
-  grid_h, grid_w = jnp.asarray(grid[:, 0])[level], jnp.asarray(grid[:, 1])[level]
-  return jnp.asarray(first_row)[level] + (anchor * grid_h + gj) * grid_w + gi
-
-
 def rows_at(
-  outputs: Sequence[jax.Array], slot: jax.Array, slots: HeadSlots, config: LossConfig
+  outputs: Sequence[jax.Array], slot: jax.Array, slots: HeadSlots, layout: SlotLayout
 ) -> jax.Array:
   """``[B, N, F]`` rows of ``L`` head outputs ``[B, A, H_l, W_l, F]`` at the cells of ``[B, N]`` slots.
 
@@ -184,18 +152,12 @@ def rows_at(
     outputs: one head's ``L`` outputs.
     slot: slot indices in the ``[B, K]`` layout; their coarse cells are read.
     slots: candidate cells.
-    config: head geometry.
+    layout: the slots.
   """
-  rows_of = jax.vmap(lambda values, index: values[index])  # [K] by [N] -> [N]
-  level_of, anchor_of = assigner.slot_layout(config, slots.max_boxes)
-  level = jnp.asarray(level_of)[slot]  # [B, N]
-  anchor = jnp.asarray(anchor_of)[slot]
-  gj, gi = rows_of(slots.gj, slot), rows_of(slots.gi, slot)
-  grids = [out.shape[2:4] for out in outputs]
-  start = cell_index(level, anchor, gj, gi, grids, config.num_anchors)  # [B, N]
+  row = layout.cell_row(slot, take_rows(slots.gj, slot), take_rows(slots.gi, slot))  # [B, N]
   # XLA fuses the concatenation into the gather, so no output is copied.
   table = jnp.concatenate([out.reshape(out.shape[0], -1, out.shape[-1]) for out in outputs], axis=1)
-  return jnp.take_along_axis(table, start[..., None], axis=1, mode='promise_in_bounds')
+  return jnp.take_along_axis(table, row[..., None], axis=1, mode='promise_in_bounds')
 
 
 def assign_packed(
@@ -205,7 +167,7 @@ def assign_packed(
   slots: HeadSlots,
   targets: Targets,
   image_hw: tuple[int, int],
-  config: LossConfig,
+  layout: SlotLayout,
 ) -> tuple[PackedAssignment, PackedAssignment]:
   """Fine and coarse SimOTA on packed slots, equal to :func:`reorg_jax.assign`.
 
@@ -217,27 +179,22 @@ def assign_packed(
     slots: from :func:`head_slots`.
     targets: ``[B, M, ...]`` boxes.
     image_hw: ``(H, W)`` network input in pixels.
-    config: head geometry and cost weights.
+    layout: the slots; its ``config`` gives the cost weights.
 
   Returns:
     ``(fine, coarse)`` assignments, both ``[B, N]``.
   """
+  config = layout.config
   preds = jax.lax.stop_gradient(lead_preds).astype(jnp.float32)
   targets = jax.lax.stop_gradient(targets)
-  rows_of = jax.vmap(lambda values, index: values[index])  # [K, ...] by [N] -> [N, ...]
-  stride, anchor_wh = assigner.slot_geometry(config, targets.max_boxes)
   capacity = slot.shape[1]
-  pred_xyxy = assigner.decode_pixels(
-    preds,
-    rows_of(slots.gj, slot),
-    rows_of(slots.gi, slot),
-    jnp.asarray(stride)[slot],
-    jnp.asarray(anchor_wh)[slot],
+  pred_xyxy = _assign.decode_pixels(
+    preds, slot, take_rows(slots.gj, slot), take_rows(slots.gi, slot), layout
   )
-  total = assigner.class_total(preds)
-  class_logit = assigner.class_logits_at(preds, targets.classes)
-  iou, cost = assigner.pair_scores(pred_xyxy, total, class_logit, filled, targets, image_hw, config)
-  positive, gt, dynamic_k = assigner.simota(iou, cost, filled, targets.valid, config)
+  total = _assign.class_total(preds)
+  class_logit = _assign.class_logits_at(preds, targets.classes)
+  iou, cost = _assign.pair_scores(pred_xyxy, total, class_logit, filled, targets, image_hw, config)
+  positive, gt, dynamic_k = _assign.simota(iou, cost, filled, targets.valid, config)
   coarse = PackedAssignment(
     slot=slot,
     source=slot,
@@ -249,13 +206,13 @@ def assign_packed(
   )
 
   fine_slot, fine_filled = pack(slots.fine_live, capacity)
-  fine_source = rows_of(slots.fine_source, fine_slot)
+  fine_source = take_rows(slots.fine_source, fine_slot)
   coarse_place = jnp.cumsum(slots.live, axis=1, dtype=jnp.int32) - 1  # [B, K]
-  place = jnp.where(fine_filled, rows_of(coarse_place, fine_source), 0)  # [B, N]
+  place = jnp.where(fine_filled, take_rows(coarse_place, fine_source), 0)  # [B, N]
   pair = targets.valid[:, :, None] & fine_filled[:, None, :]  # [B, M, N]
   fine_iou = jnp.where(pair, jnp.take_along_axis(iou, place[:, None, :], axis=2), 0.0)
   fine_cost = jnp.where(pair, jnp.take_along_axis(cost, place[:, None, :], axis=2), jnp.inf)
-  positive, gt, dynamic_k = assigner.simota(fine_iou, fine_cost, fine_filled, targets.valid, config)
+  positive, gt, dynamic_k = _assign.simota(fine_iou, fine_cost, fine_filled, targets.valid, config)
   fine = PackedAssignment(
     slot=fine_slot,
     source=fine_source,

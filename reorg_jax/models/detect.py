@@ -24,7 +24,7 @@ import jax.numpy as jnp
 
 from reorg_jax.models.layers import ImplicitA, ImplicitM, torch_default_init
 
-__all__ = ['IAuxDetect', 'decode', 'fuse_implicit', 'head_bias_prior']
+__all__ = ['IAuxDetect', 'decode', 'decode_cxcywh', 'fuse_implicit', 'head_bias_prior']
 
 Anchors = tuple[tuple[tuple[float, float], ...], ...]
 
@@ -60,6 +60,38 @@ def _split_anchors(x: jax.Array, num_anchors: int) -> jax.Array:
   return x.transpose(0, 3, 1, 2, 4)  # [B, A, H_l, W_l, F]
 
 
+def decode_cxcywh(
+  sigmoids: jax.Array,
+  *,
+  anchor_wh: jax.Array,
+  cell_xy: jax.Array | None = None,
+  stride: jax.Array | float | None = None,
+) -> jax.Array:
+  """The head's box parameterisation: ``[..., 4]`` sigmoids to ``[..., 4]`` ``cxcywh`` boxes.
+
+  ``xy = 2 s_xy - 0.5 (+ cell_xy)`` and ``wh = (2 s_wh)^2 * anchor_wh``, both
+  then times ``stride``. The one decode of the package: inference, the
+  assignment and the box loss all call it.
+
+  Args:
+    sigmoids: ``[..., 4]`` sigmoids of the raw ``x, y, w, h`` logits.
+    anchor_wh: ``[..., 2]`` (broadcastable) anchor sizes in grid cells.
+    cell_xy: ``[..., 2]`` (broadcastable) cell column and row; without it the
+      centre is relative to the cell's corner.
+    stride: pixels per cell (broadcastable); without it the boxes are in grid
+      cells. Multiplying the anchor in cells by a power-of-two stride is exact,
+      so with upstream's strides the result equals upstream's
+      ``(2 s)^2 * anchor_pixels`` bit for bit.
+  """
+  xy = sigmoids[..., 0:2] * 2.0 - 0.5
+  if cell_xy is not None:
+    xy = xy + cell_xy
+  wh = (sigmoids[..., 2:4] * 2.0) ** 2 * anchor_wh
+  if stride is not None:
+    xy, wh = xy * stride, wh * stride
+  return jnp.concatenate([xy, wh], axis=-1)
+
+
 def decode(
   outputs: Sequence[jax.Array], *, anchors: Anchors, strides: Sequence[float]
 ) -> jax.Array:
@@ -82,18 +114,17 @@ def decode(
     )
   decoded = []
   for out, level_anchors, stride in zip(outputs, anchors, strides, strict=True):
-    batch, num_anchors, height, width, values = out.shape
+    batch, num_anchors, height, width, features = out.shape
     if len(level_anchors) != num_anchors:
       raise ValueError(f'output has {num_anchors} anchors, anchor set has {len(level_anchors)}')
     y = jax.nn.sigmoid(out)
     cols, rows = jnp.meshgrid(jnp.arange(width), jnp.arange(height))  # [H, W] each
     grid = jnp.stack([cols, rows], axis=-1).astype(y.dtype)  # [H, W, 2]
-    anchor_wh = jnp.asarray(level_anchors, y.dtype)[:, None, None, :]  # [A, 1, 1, 2]
-    xy = (y[..., 0:2] * 2.0 - 0.5 + grid) * stride
-    wh = (y[..., 2:4] * 2) ** 2 * anchor_wh
-    y = jnp.concatenate([xy, wh, y[..., 4:]], axis=-1)  # [B, A, H, W, K]
-    decoded.append(y.reshape(batch, num_anchors * height * width, values))  # [B, A*H*W, K]
-  return jnp.concatenate(decoded, axis=1)  # [B, N, K]
+    anchor_wh = jnp.asarray(level_anchors, y.dtype)[:, None, None, :] / stride  # [A, 1, 1, 2]
+    boxes = decode_cxcywh(y[..., :4], anchor_wh=anchor_wh, cell_xy=grid, stride=stride)
+    y = jnp.concatenate([boxes, y[..., 4:]], axis=-1)  # [B, A, H_l, W_l, F]
+    decoded.append(y.reshape(batch, num_anchors * height * width, features))  # [B, A*H*W, F]
+  return jnp.concatenate(decoded, axis=1)  # [B, R, F]
 
 
 class IAuxDetect(nn.Module):
