@@ -21,7 +21,7 @@ import numpy as np
 
 from reorg_jax.loss._assign import Assignment
 from reorg_jax.loss._config import LossConfig
-from reorg_jax.reorg import reorg
+from reorg_jax.models.reorg import reorg
 from reorg_jax.targets import Targets
 
 if TYPE_CHECKING:
