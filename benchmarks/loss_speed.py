@@ -56,15 +56,15 @@ _SETTLE_S = 0.3
 
 
 def make_case(seed: int, batch: int, boxes: int, size: int, num_classes: int):
-  """``(config, hw, labels, outputs)``: upstream's label rows and ``2L`` NumPy head outputs."""
-  rng = np.random.default_rng(seed)
-  config = reorg_jax.LossConfig.p6(num_classes)
-  hw = (size, size)
-  labels = testing.random_labels(
-    rng, boxes_per_image=[boxes] * batch, num_classes=num_classes, image_hw=hw
+  """``(config, hw, targets, outputs)``: ``boxes`` boxes per image, ``2L`` NumPy head outputs.
+
+  The scene of :func:`reorg_jax.testing.random_scene` with ``M = max(boxes, 1)``;
+  upstream's label rows of the same boxes are ``targets.to_yolo()``.
+  """
+  config, targets, outputs = testing.random_scene(
+    seed, [boxes] * batch, num_classes=num_classes, max_boxes=max(boxes, 1), image_hw=(size, size)
   )
-  outputs = testing.random_head_outputs(rng, config, batch_size=batch, image_hw=hw)
-  return config, hw, labels, outputs
+  return config, (size, size), targets, [np.array(o) for o in outputs]  # writable, for torch
 
 
 def _times_ms(fn, repeats: int) -> list[float]:
@@ -76,14 +76,10 @@ def _times_ms(fn, repeats: int) -> list[float]:
   return times
 
 
-def _ours(config, hw, labels, outputs):
+def _ours(config, hw, targets, outputs):
   """``(forward, forward_backward)`` callables of our jitted loss; the first call compiles."""
   import jax
 
-  batch, boxes = len(outputs[0]), int(np.bincount(labels[:, 0].astype(int)).max(initial=0))
-  targets = reorg_jax.Targets.from_yolo(
-    labels, batch, max(boxes, 1), num_classes=config.num_classes
-  )
   loss_fn = jax.jit(reorg_jax.aux_ota_loss, static_argnums=(2, 3))
   grad_fn = jax.jit(jax.value_and_grad(reorg_jax.aux_ota_loss, has_aux=True), static_argnums=(2, 3))
   device_outputs = [jax.device_put(o) for o in outputs]
@@ -97,14 +93,14 @@ def _ours(config, hw, labels, outputs):
   return forward, forward_backward
 
 
-def _upstream(config, hw, labels, outputs):
-  """The same for upstream; ``labels`` are the rows ``Targets.from_yolo`` packs for ours."""
+def _upstream(config, hw, targets, outputs):
+  """The same for upstream, on the label rows of ``targets``."""
   sys.path.insert(0, str(_TESTS))
   import oracle
   import torch
 
   reference = oracle.reference_loss(config)
-  rows = torch.from_numpy(labels)
+  rows = torch.from_numpy(targets.to_yolo())
   imgs = torch.zeros(len(outputs[0]), 3, *hw)
 
   def inputs():
@@ -172,8 +168,7 @@ def memory_worker(args: argparse.Namespace) -> None:
   import jax
 
   boxes = 300
-  config, hw, labels, outputs = make_case(boxes, 16, boxes, args.size, args.classes)
-  targets = reorg_jax.Targets.from_yolo(labels, 16, boxes, num_classes=config.num_classes)
+  config, hw, targets, outputs = make_case(boxes, 16, boxes, args.size, args.classes)
   grad_fn = jax.jit(jax.value_and_grad(reorg_jax.aux_ota_loss, has_aux=True), static_argnums=(2, 3))
   compiled = grad_fn.lower(outputs, targets, hw, config).compile()
   analysis = compiled.memory_analysis()

@@ -6,7 +6,7 @@ Run from the repository root::
   python notebooks/make_figures.py reorg      # only some: reorg, assignment, parity
 
 The notebooks next to this script draw the same figures with the same
-helpers (:mod:`reorg_jax.plotting`) and explain them step by step. Every
+helpers (the ``figures`` package beside it) and explain them step by step. Every
 figure is a pure function of the seeds below. Loss curves of a short run are
 drawn by ``training.ipynb`` only: a few dozen CPU steps explain nothing.
 """
@@ -18,6 +18,7 @@ import pathlib
 import sys
 import time
 
+import figures
 import jax
 import jax.numpy as jnp
 import matplotlib
@@ -25,7 +26,6 @@ import numpy as np
 import optax
 
 import reorg_jax
-from reorg_jax import plotting
 from reorg_jax.data import synthetic
 from reorg_jax.models import yolo
 
@@ -110,8 +110,8 @@ def refined_outputs(
 def reorg_figures(out: pathlib.Path) -> None:
   """``reorg.png`` and ``reorg_channel_order.png``."""
   image, _ = scene()
-  plotting.save_png(plotting.reorg_figure(image), out / 'reorg.png')
-  plotting.save_png(plotting.channel_order_figure(image), out / 'reorg_channel_order.png')
+  figures.save_png(figures.reorg_figure(image), out / 'reorg.png')
+  figures.save_png(figures.channel_order_figure(image), out / 'reorg_channel_order.png')
 
 
 def assignment_figures(out: pathlib.Path) -> None:
@@ -122,17 +122,17 @@ def assignment_figures(out: pathlib.Path) -> None:
   hw = image.shape[:2]
   outputs = nano_outputs(image)
   fine, coarse = assign_both(outputs, targets, config, hw)
-  figure = plotting.assignment_figure(
+  figure = figures.assignment_figure(
     image, targets, fine, coarse, config, class_names=synthetic.CLASS_NAMES
   )
-  plotting.save_png(figure, out / 'assignment.png')
+  figures.save_png(figure, out / 'assignment.png')
   refined = refined_outputs(outputs, targets, config, hw, steps=REFINE_STEPS)
   stages = []
   for steps, current in refined.items():
     name = 'freshly initialised p6_nano' if steps == 0 else f'after {steps} steps on the outputs'
     stages.append((name, *assign_both(current, targets, config, hw)))
-  figure = plotting.assignment_change_figure(image, targets, stages, config)
-  plotting.save_png(figure, out / 'assignment_change.png')
+  figure = figures.assignment_change_figure(image, targets, stages, config)
+  figures.save_png(figure, out / 'assignment_change.png')
 
 
 def parity_figure(out: pathlib.Path) -> None:
@@ -150,10 +150,10 @@ def parity_figure(out: pathlib.Path) -> None:
   grads = jax.grad(lambda o: reorg_jax.aux_ota_loss(o, targets, hw, config)[0])(
     [jnp.asarray(o) for o in outputs]
   )
-  figure = plotting.gradient_figure(
+  figure = figures.gradient_figure(
     [np.asarray(g) for g in grads], [x.grad.numpy() for x in p], num_levels=config.num_levels
   )
-  plotting.save_png(figure, out / 'parity_gradients.png')
+  figures.save_png(figure, out / 'parity_gradients.png')
 
 
 FIGURES = {

@@ -98,7 +98,7 @@ def random_head_outputs(
 
 
 def random_scene(
-  seed: int,
+  seed: int | np.random.Generator,
   boxes_per_image: list[int],
   *,
   num_classes: int = 5,
@@ -110,8 +110,10 @@ def random_scene(
   """A P6 loss config, random boxes and random head outputs: the scene of the loss tests.
 
   Args:
-    seed: seeds one NumPy generator, drawn first for the labels
-      (:func:`random_labels`), then for the outputs (:func:`random_head_outputs`).
+    seed: seeds one NumPy generator, or is one (drawn on from where it
+      stands, e.g. after the caller drew ``boxes_per_image`` from it); drawn
+      first for the labels (:func:`random_labels`), then for the outputs
+      (:func:`random_head_outputs`).
     boxes_per_image: ``B`` box counts.
     num_classes: ``C``.
     max_boxes: ``M``.
@@ -123,7 +125,10 @@ def random_scene(
 
   Returns:
     ``(config, targets, outputs)``: ``targets`` ``[B, M, ...]`` and ``2L``
-    outputs ``[B, A, H_l, W_l, F]`` (lead, then auxiliary).
+    outputs ``[B, A, H_l, W_l, F]`` (lead, then auxiliary). Upstream's label
+    rows of the scene (``[N, 6]`` ``(image, class, cx, cy, w, h)``,
+    normalised, as the reference loss takes them) are ``targets.to_yolo()``:
+    the rows :func:`random_labels` drew, in the same order.
   """
   rng = np.random.default_rng(seed)
   config = LossConfig.p6(num_classes, **config_overrides)

@@ -74,21 +74,21 @@ SCENES = [
 
 
 def make_scene(scene: Scene):
+  """``(config, hw, targets, outputs)`` of ``scene``, ``outputs`` as ``2L`` NumPy arrays.
+
+  The box count of each image is drawn first, then the rest of the scene
+  (:func:`reorg_jax.testing.random_scene`) from the same generator.
+  Upstream's label rows are ``targets.to_yolo()``.
+  """
   rng = np.random.default_rng(scene.seed)
-  flat = {'capacity_fractions': (), 'batch_groups': 1} if scene.flat else {}
-  config = reorg_jax.LossConfig.p6(scene.num_classes, **flat)
   counts = list(rng.integers(0, scene.max_count + 1, size=scene.batch))
-  for i in range(scene.empty_images):
-    counts[i] = 0
+  counts[: scene.empty_images] = [0] * scene.empty_images
   hw = (scene.size, scene.size)
-  labels = testing.random_labels(
-    rng, boxes_per_image=counts, num_classes=scene.num_classes, image_hw=hw
+  flat = {'capacity_fractions': (), 'batch_groups': 1} if scene.flat else {}
+  config, targets, outputs = testing.random_scene(
+    rng, counts, num_classes=scene.num_classes, max_boxes=scene.max_boxes, image_hw=hw, **flat
   )
-  targets = reorg_jax.Targets.from_yolo(
-    labels, scene.batch, scene.max_boxes, num_classes=scene.num_classes
-  )
-  outputs = testing.random_head_outputs(rng, config, batch_size=scene.batch, image_hw=hw)
-  return config, hw, targets, outputs
+  return config, hw, targets, [np.array(o) for o in outputs]  # writable, for torch
 
 
 @functools.partial(jax.jit, static_argnames=('image_hw', 'config'))

@@ -7,7 +7,8 @@ Files in the run directory:
 * ``results.csv``: one row per epoch (:data:`EPOCH_COLUMNS`): mean training
   losses, validation precision, recall, mAP@0.5 and mAP@0.5:0.95 with the
   EMA weights, and the learning rate.
-* ``losses.png`` and ``map.png``: those columns plotted against the epoch.
+* ``losses.png`` and ``map.png``: those columns plotted against the epoch
+  (:func:`curves_figure`, which the notebooks use for per-step curves too).
 * ``tensorboard/``: the same scalars as TensorBoard events.
 
 On resume, rows past the restored position are dropped (and a row cut
@@ -20,7 +21,10 @@ from __future__ import annotations
 import csv
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+  from matplotlib.figure import Figure
 
 __all__ = [
   'EPOCH_COLUMNS',
@@ -29,6 +33,7 @@ __all__ = [
   'Progress',
   'Scalars',
   'Table',
+  'curves_figure',
   'plot_epochs',
   'read_rows',
 ]
@@ -144,6 +149,50 @@ def _format(value: float) -> str:
   return str(int(value)) if float(value).is_integer() and abs(value) < 2**53 else f'{value:.9g}'
 
 
+def curves_figure(
+  rows: list[dict[str, float]],
+  *,
+  columns: tuple[str, ...],
+  x: str,
+  title: str | None = None,
+  smooth: int = 1,
+) -> Figure:
+  """One panel per column of ``rows``, plotted against column ``x``.
+
+  ``pyplot`` draws it, so it shows inline in a notebook; the caller saves or
+  closes it.
+
+  Args:
+    rows: the table, e.g. :class:`Table`'s rows or :func:`read_rows`.
+    columns: the columns to plot, one panel each.
+    x: the column on the horizontal axis (``epoch`` or ``step``).
+    title: figure title.
+    smooth: 1 draws each column with a marker per row; a larger width draws the
+      raw values faintly and a trailing moving average of that many rows over them.
+  """
+  import matplotlib.pyplot as plt
+  import numpy as np
+
+  figure, axes = plt.subplots(1, len(columns), figsize=(4 * len(columns), 3.2), squeeze=False)
+  xs = np.asarray([r[x] for r in rows], np.float64)
+  for axis, column in zip(axes[0], columns, strict=True):
+    values = np.asarray([r[column] for r in rows], np.float64)
+    if smooth > 1:
+      axis.plot(xs, values, linewidth=0.8, alpha=0.5)
+      if values.size >= smooth:
+        average = np.convolve(values, np.ones(smooth) / smooth, mode='valid')
+        axis.plot(xs[smooth - 1 :], average, linewidth=1.6)
+    else:
+      axis.plot(xs, values, marker='o')
+    axis.set_title(column)
+    axis.set_xlabel(x)
+    axis.grid(alpha=0.3)
+  if title:
+    figure.suptitle(title)
+  figure.tight_layout()
+  return figure
+
+
 def plot_epochs(rows: list[dict[str, float]], directory: str | os.PathLike) -> None:
   """Writes ``losses.png`` (training losses) and ``map.png`` (validation metrics) per epoch."""
   if not rows:
@@ -154,20 +203,12 @@ def plot_epochs(rows: list[dict[str, float]], directory: str | os.PathLike) -> N
   import matplotlib.pyplot as plt
 
   directory = Path(directory)
-  epochs = [r['epoch'] for r in rows]
   panels = {
     'losses.png': ('training loss (batch mean)', ('loss', 'box', 'obj', 'cls')),
     'map.png': ('validation (EMA weights)', ('map50', 'map50_95', 'precision', 'recall')),
   }
   for name, (title, columns) in panels.items():
-    figure, axes = plt.subplots(1, len(columns), figsize=(4 * len(columns), 3.2))
-    for axis, column in zip(axes, columns, strict=True):
-      axis.plot(epochs, [r[column] for r in rows], marker='o')
-      axis.set_title(column)
-      axis.set_xlabel('epoch')
-      axis.grid(alpha=0.3)
-    figure.suptitle(title)
-    figure.tight_layout()
+    figure = curves_figure(rows, columns=columns, x='epoch', title=title)
     figure.savefig(directory / name, dpi=90)
     plt.close(figure)
 
