@@ -21,6 +21,14 @@ loop is written here from its formulas, around the package's own ``Model``,
 * gradients zeroed at each epoch start; ``loss.backward()`` on the batch-sum
   loss; an optimiser step and an EMA update when ``ni % accumulate == 0``.
 
+A run can hand out its whole state at an iteration (``snapshot_at``: the
+weights, BatchNorm statistics, EMA and its update count, the momentum
+buffers and any gradient accumulated so far, as :func:`snapshot` arrays)
+and another run can continue from such a state (``resume``), taking the
+steps the first would have taken: :func:`train` restores the learning-rate
+schedule's epoch, and the warm-up sets the rates, momentum and
+accumulation count of each iteration from ``ni`` alone.
+
 Where the run's configuration departs from ``train_aux.py``'s constants
 (``nbs = 64``, at least 1000 warm-up iterations, the EMA's ramp of 2000
 updates and its decay) the run's values are used, so both frameworks follow
@@ -37,6 +45,7 @@ import itertools
 import math
 import pathlib
 import time
+import warnings
 from typing import Any
 
 import numpy as np
@@ -44,7 +53,15 @@ import numpy as np
 # The auxiliary head's share of the loss, written into upstream's ComputeLossAuxOTA.
 UPSTREAM_AUX_WEIGHT = 0.25
 
-__all__ = ['UpstreamRun', 'evaluate', 'hyperparameters', 'parameter_groups', 'train']
+__all__ = [
+  'UpstreamRun',
+  'evaluate',
+  'hyperparameters',
+  'parameter_groups',
+  'restore',
+  'snapshot',
+  'train',
+]
 
 
 @dataclasses.dataclass
@@ -57,6 +74,8 @@ class UpstreamRun:
     raw: the final state dict (NumPy).
     ema: the EMA's final state dict (NumPy).
     seconds: wall time of training and evaluation.
+    snapshot: the state at iteration ``snapshot_at`` (:func:`snapshot`), or
+      ``None``.
   """
 
   steps: list[dict[str, float]]
@@ -64,6 +83,7 @@ class UpstreamRun:
   raw: dict[str, np.ndarray]
   ema: dict[str, np.ndarray]
   seconds: float
+  snapshot: dict[str, np.ndarray] | None = None
 
 
 def hyperparameters(
@@ -129,6 +149,53 @@ def parameter_groups(model: Any) -> tuple[list, list, list]:
   return pg0, pg1, pg2
 
 
+def snapshot(model: Any, ema: Any, optimizer: Any, *, step: int) -> dict[str, np.ndarray]:
+  """The whole training state before iteration ``step``, as NumPy arrays.
+
+  Keys: ``model/<name>`` and ``ema/<name>`` (the state dicts),
+  ``momentum/<name>`` and ``grad/<name>`` per parameter (zeros where torch
+  holds none yet), ``step`` (the next ``ni``) and ``updates`` (the EMA's
+  count of optimiser steps).
+  """
+  import torch
+
+  state = {f'model/{k}': v.detach().numpy().copy() for k, v in model.state_dict().items()}
+  state.update({f'ema/{k}': v.detach().numpy().copy() for k, v in ema.ema.state_dict().items()})
+  for name, param in model.named_parameters():
+    buffer = optimizer.state.get(param, {}).get('momentum_buffer')
+    for key, value in (('momentum', buffer), ('grad', param.grad)):
+      value = torch.zeros_like(param) if value is None else value
+      state[f'{key}/{name}'] = value.detach().numpy().copy()
+  state['step'] = np.asarray(step, np.int64)
+  state['updates'] = np.asarray(ema.updates, np.int64)
+  return state
+
+
+def restore(model: Any, ema: Any, optimizer: Any, state: dict[str, np.ndarray]) -> int:
+  """Loads a :func:`snapshot` into ``model``, ``ema`` and ``optimizer``; returns its step.
+
+  Raises:
+    KeyError: naming the first parameter the snapshot lacks.
+  """
+  import torch
+
+  def part(prefix: str) -> dict[str, Any]:
+    return {k[len(prefix) :]: torch.from_numpy(v) for k, v in state.items() if k.startswith(prefix)}
+
+  model.load_state_dict(part('model/'), strict=True)
+  ema.ema.load_state_dict(part('ema/'), strict=True)
+  ema.updates = int(state['updates'])
+  for name, param in model.named_parameters():
+    for key in ('momentum', 'grad'):
+      if f'{key}/{name}' not in state:
+        raise KeyError(f'the snapshot has no {key}/{name}')
+    optimizer.state[param]['momentum_buffer'] = torch.from_numpy(state[f'momentum/{name}']).to(
+      param.dtype, copy=True
+    )
+    param.grad = torch.from_numpy(state[f'grad/{name}']).to(param.dtype, copy=True)
+  return int(state['step'])
+
+
 def evaluate(model: Any, val_feed: Any, *, config: dict[str, Any], num_classes: int):
   """COCO metrics of ``model`` (evaluation mode) through our selection and evaluator.
 
@@ -159,7 +226,7 @@ def evaluate(model: Any, val_feed: Any, *, config: dict[str, Any], num_classes: 
   def detect(images: np.ndarray) -> Any:
     x = torch.from_numpy(images.transpose(0, 3, 1, 2).astype(np.float32) / 255.0)
     with torch.no_grad():
-      decoded = model(x)[0].numpy()
+      decoded = model(x.to(next(model.parameters()).dtype))[0].float().numpy()
     return jax.device_get(select(jnp.asarray(decoded)))
 
   model.eval()
@@ -177,8 +244,11 @@ def train(
   schedule: Any,
   num_classes: int,
   total: int,
+  resume: dict[str, np.ndarray] | None = None,
+  snapshot_at: int | None = None,
+  float64: bool = False,
 ) -> UpstreamRun:
-  """Trains upstream's model from ``start`` on ``feed``'s batches for ``total`` iterations.
+  """Trains upstream's model from ``start`` on ``feed``'s batches up to iteration ``total``.
 
   Args:
     config: the run's resolved configuration (``train/configs/default.yaml`` keys).
@@ -187,10 +257,20 @@ def train(
     val_feed: the validation loader (after each whole epoch).
     schedule: the run's :class:`reorg_jax.training.optim.Schedule` (epochs, batch size, ``nb``).
     num_classes: ``C``.
-    total: iterations to run (``schedule.total_steps`` or fewer).
+    total: the iteration to stop before (``schedule.total_steps`` or fewer).
+    resume: a :func:`snapshot` to continue from (its iteration on), instead of
+      iteration 0 from ``start``.
+    snapshot_at: take a :func:`snapshot` before this iteration (returned as
+      ``UpstreamRun.snapshot``).
+    float64: train in float64 (model, optimiser state, EMA, images and
+      labels; the package's loss sums its parts into float32 accumulators and
+      scores SimOTA's class costs in float32, so the loss values are rounded
+      to float32 while the gradients stay float64): a reference for how far
+      float32 arithmetic alone takes a step.
 
   Raises:
     FloatingPointError: a loss was not finite (the step is named).
+    ValueError: ``snapshot_at`` is not an iteration this run takes.
   """
   import oracle  # the torchvision stand-in; the loss's 'cuda:0' redirected to the CPU
   import torch
@@ -207,6 +287,8 @@ def train(
   torch.set_flush_denormal(True)
   model = Model(raw)
   model.load_state_dict({k: torch.from_numpy(v) for k, v in start.items()}, strict=True)
+  dtype = torch.float64 if float64 else torch.float32
+  model.to(dtype)
 
   hyp = hyperparameters(config, num_levels=model.model[-1].nl, num_classes=num_classes)
   model.nc, model.hyp, model.gr = num_classes, hyp, 1.0
@@ -230,16 +312,33 @@ def train(
   ema.decay = lambda x: recipe.ema_decay * (1 - math.exp(-x / recipe.ema_ramp))
   nw = max(round(hyp['warmup_epochs'] * nb), recipe.min_warmup_steps)
 
-  steps, epoch_rows = [], []
+  first = 0
+  if resume is not None:
+    first = restore(model, ema, optimizer, resume)
+    with warnings.catch_warnings():  # torch warns of a schedule stepped before the optimiser
+      warnings.simplefilter('ignore', UserWarning)
+      for _ in range(first // nb):  # LambdaLR sets initial_lr * lf(epoch) from its epoch alone
+        scheduler.step()
+  if snapshot_at is not None and not first <= snapshot_at < total:
+    raise ValueError(f'snapshot_at = {snapshot_at} is not an iteration of [{first}, {total})')
+
+  steps, epoch_rows, taken = [], [], None
   started = time.perf_counter()
-  for epoch in range(-(-total // nb)):
+  for epoch in range(first // nb, -(-total // nb)):
     model.train()
-    optimizer.zero_grad()
-    batches = itertools.islice(feed.epoch(epoch), min(nb, total - nb * epoch))
+    skip = max(first - nb * epoch, 0)  # batches of this epoch trained before the resume
+    if not skip:
+      optimizer.zero_grad()
+    batches = itertools.islice(
+      feed.epoch(epoch, start_step=skip), min(nb, total - nb * epoch) - skip
+    )
     with prefetch.Prefetcher(batches, buffer_size=config['train']['prefetch']) as prefetched:
-      for i, batch in enumerate(prefetched):
+      for i, batch in enumerate(prefetched, start=skip):
         ni = i + nb * epoch
+        if ni == snapshot_at:
+          taken = snapshot(model, ema, optimizer, step=ni)
         x = torch.from_numpy(batch.images.transpose(0, 3, 1, 2).astype(np.float32) / 255.0)
+        x, labels = x.to(dtype), torch.from_numpy(batch.labels).to(dtype)
         if ni <= nw:
           xi = [0, nw]
           accumulate = max(1, np.interp(ni, xi, [1, nbs / batch_size]).round())
@@ -248,7 +347,7 @@ def train(
               ni, xi, [hyp['warmup_bias_lr'] if j == 2 else 0.0, group['initial_lr'] * lf(epoch)]
             )
             group['momentum'] = np.interp(ni, xi, [hyp['warmup_momentum'], hyp['momentum']])
-        loss, items = compute_loss(model(x), torch.from_numpy(batch.labels), x)
+        loss, items = compute_loss(model(x), labels, x)
         loss.backward()
         if ni % accumulate == 0:
           optimizer.step()
@@ -276,4 +375,5 @@ def train(
     raw={k: v.detach().numpy().copy() for k, v in model.state_dict().items()},
     ema={k: v.detach().numpy().copy() for k, v in ema.ema.state_dict().items()},
     seconds=time.perf_counter() - started,
+    snapshot=taken,
   )

@@ -198,16 +198,17 @@ def variables_from_state_dict(
 
 
 def state_dict_from_variables(
-  variables: Mapping[str, Any], *, buffers: Mapping[str, np.ndarray]
+  variables: Mapping[str, Any], *, buffers: Mapping[str, np.ndarray], dtype: Any = np.float32
 ) -> dict[str, np.ndarray]:
   """Flax variables of any module built from these layers -> PyTorch state dict arrays.
 
   Args:
     variables: ``{'params': ..., 'batch_stats': ...}``.
     buffers: further PyTorch-only entries to write as given.
+    dtype: of the arrays written (``np.float64`` keeps float64 variables exact).
 
   Returns:
-    PyTorch key -> float32 array in PyTorch layout, plus an ``int64`` zero
+    PyTorch key -> ``dtype`` array in PyTorch layout, plus an ``int64`` zero
     ``num_batches_tracked`` per batch norm and ``buffers``; keys sorted with
     numbers compared as numbers (so by layer index).
   """
@@ -217,7 +218,7 @@ def state_dict_from_variables(
     node = variables
     for part in path:
       node = node[part]
-    state[key] = _to_torch_layout(path[-1], np.array(node, np.float32))
+    state[key] = _to_torch_layout(path[-1], np.array(node, dtype))
   state.update({key: np.array(0, np.int64) for key in _counters(layout)})
   state.update(buffers)
   return dict(sorted(state.items(), key=lambda item: _natural(item[0])))
@@ -272,15 +273,18 @@ def import_state_dict(model: YOLO, state_dict: Mapping[str, Any]) -> dict[str, A
   return variables_from_state_dict(_model_shapes(model), state_dict, buffers=anchors)
 
 
-def export_state_dict(model: YOLO, variables: Mapping[str, Any]) -> dict[str, np.ndarray]:
+def export_state_dict(
+  model: YOLO, variables: Mapping[str, Any], *, dtype: Any = np.float32
+) -> dict[str, np.ndarray]:
   """Flax variables -> a state dict the original ``Model`` loads with ``strict=True``.
 
   Args:
     model: the model the variables belong to.
     variables: ``{'params': ..., 'batch_stats': ...}``.
+    dtype: of the weights and statistics written (the anchors stay float32).
 
   Returns:
-    PyTorch key -> float32 array in PyTorch layout (``int64`` zeros for
+    PyTorch key -> ``dtype`` array in PyTorch layout (``int64`` zeros for
     ``num_batches_tracked``, the model's anchors for the head's buffers),
     ordered by layer index. Convert with ``torch.from_numpy`` or
     :func:`save_torch_state_dict`.
@@ -298,7 +302,7 @@ def export_state_dict(model: YOLO, variables: Mapping[str, Any]) -> dict[str, np
       f'variables do not fit the model: missing {missing}, unexpected {unexpected}, '
       f'wrong shapes {wrong}'
     )
-  return state_dict_from_variables(variables, buffers=_anchor_buffers(model))
+  return state_dict_from_variables(variables, buffers=_anchor_buffers(model), dtype=dtype)
 
 
 def anchors_from_state_dict(state_dict: Mapping[str, Any]) -> list[list[float]]:
