@@ -150,7 +150,7 @@ def benchmark(
 
 def _time_loss(setup, state, batch, loss_config, *, repeats: int) -> float:
   """Median seconds of the jitted loss forward+backward on this batch's head outputs."""
-  images = batch['images'].astype(jnp.float32) / 255.0
+  images = yolo.unit_images(batch['images'])
   outputs, _ = setup.model.apply(
     {'params': state.params, 'batch_stats': state.batch_stats},
     images,

@@ -74,6 +74,7 @@ import numpy as np
 _HERE = pathlib.Path(__file__).resolve().parent
 _ROOT = _HERE.parent
 PARTS = ('loss', 'box', 'obj', 'cls')
+WORKERS = ('upstream', 'ours', 'ours64')
 
 
 def _harness() -> Any:
@@ -93,10 +94,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
   parser.add_argument('--seed', type=int, help='seed (weights, data order, augmentation)')
   parser.add_argument('--data', help='dataset YAML (default: the synthetic dataset)')
   parser.add_argument('--out', default='runs/trained_step', help='output directory')
-  parser.add_argument('--worker', choices=('upstream', 'ours', 'ours64'), help=argparse.SUPPRESS)
+  parser.add_argument(
+    '--sides',
+    default=','.join(WORKERS),
+    help='workers to (re)run, comma-separated, of upstream (sides 1 to 4), ours and ours64; '
+    'the others are read from --out (e.g. ours,ours64 after a change of ours)',
+  )
+  parser.add_argument('--worker', choices=WORKERS, help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
   if args.at < 0 or args.steps < 1:
     parser.error(f'--at must be >= 0 and --steps >= 1, got {args.at} and {args.steps}')
+  unknown = set(args.sides.split(',')) - set(WORKERS)
+  if unknown:
+    parser.error(f'--sides: unknown {sorted(unknown)}; use {", ".join(WORKERS)}')
   return args
 
 
@@ -413,7 +423,11 @@ def main(argv: list[str] | None = None) -> int:
   resolved = argparse.Namespace(
     config=args.config, epochs=args.epochs, seed=args.seed, steps=None, data=args.data
   )
-  config = harness.resolve_config(resolved, out, reused=[])
+  workers = [w for w in WORKERS if w in args.sides.split(',')]
+  kept = [w for w in WORKERS if w not in workers]
+  config = harness.resolve_config(resolved, out, reused=kept)
+  if kept and not (out / 'snapshot.npz').is_file():
+    raise SystemExit(f'{out} holds no snapshot to compare with; run the upstream worker first')
   from train.pieces import load_splits
 
   train_data, _ = load_splits(config, pathlib.Path(config['data']['yaml']))
@@ -424,7 +438,7 @@ def main(argv: list[str] | None = None) -> int:
     **os.environ,
     'PYTHONPATH': os.pathsep.join([str(_ROOT), os.environ.get('PYTHONPATH', '')]),
   }
-  for worker in ('upstream', 'ours', 'ours64'):
+  for worker in workers:
     print(f'running {worker} ...', flush=True)
     started = time.perf_counter()
     command = [sys.executable, __file__, '--worker', worker, '--out', str(out)]

@@ -261,7 +261,7 @@ class DetectionEvaluator:
 
     evaluator = DetectionEvaluator(num_classes=80)
     for batch in loader.epoch(0):
-      images = jnp.asarray(batch.images, jnp.float32) / 255
+      images = unit_images(batch.images)  # from reorg_jax.models.yolo
       det = predict.predict(model, variables, images, score_threshold=0.001, iou_threshold=0.65)
       evaluator.add_batch(
         boxes=det.boxes, scores=det.scores, classes=det.classes, valid=det.valid,

@@ -1,18 +1,12 @@
 """``benchmarks/loader_speed.py`` at a tiny size: every row and the ratio line are printed."""
 
-import importlib.util
-import pathlib
 import re
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+import benchmark_scripts
 
 
 def test_prints_rates_and_ratios(capsys):
-  spec = importlib.util.spec_from_file_location(
-    'loader_speed', ROOT / 'benchmarks' / 'loader_speed.py'
-  )
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  module = benchmark_scripts.load('loader_speed')
   argv = ['--sizes', '64', '--images', '4', '--samples', '8', '--batch', '4', '--repeats', '1']
   assert module.main([*argv, '--max-workers', '2']) == 0
   out = capsys.readouterr().out

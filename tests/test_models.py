@@ -223,3 +223,18 @@ def test_bad_anchors_and_images_are_reported():
     model.init(jax.random.key(0), jnp.zeros((1, 96, 128, 3)), train=True)
   with pytest.raises(ValueError, match='NHWC'):
     model.init(jax.random.key(0), jnp.zeros((1, 3, 128, 128)), train=True)
+
+
+@pytest.mark.parametrize('jit', [False, True])
+def test_unit_images_are_upstreams_inputs_to_the_bit(jit):
+  """Every byte value becomes upstream's ``x.float() / 255``, also where XLA's division does not."""
+  values = np.arange(256, dtype=np.uint8).reshape(1, 16, 16, 1)
+  convert_fn = jax.jit(yolo.unit_images) if jit else yolo.unit_images
+  got = np.asarray(convert_fn(values))
+  want = (torch.from_numpy(values).float() / 255.0).numpy()
+  assert got.dtype == np.float32
+  np.testing.assert_array_equal(got, want)
+  divided = np.asarray(jax.jit(lambda v: v.astype(jnp.float32) / 255.0)(values))
+  print(f'XLA division differs from upstream on {(divided != want).sum()} of 256 values')
+  with pytest.raises(ValueError, match='uint8'):
+    yolo.unit_images(values.astype(np.int32))

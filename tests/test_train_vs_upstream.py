@@ -36,37 +36,17 @@ Tolerances:
 
 from __future__ import annotations
 
-import importlib.util
-import pathlib
-
+import benchmark_scripts
 import numpy as np
 import pytest
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-TINY = """\
-synthetic: {num_train: 8, num_val: 4, image_size: 128}
-train: {batch_size: 2, image_size: 128}
-augment: {mosaic: 0.5, scale: 0.5}
-eval: {batch_size: 4}
-log: {plots: false}
-"""
-
-
-def _harness():
-  spec = importlib.util.spec_from_file_location(
-    'train_vs_upstream', ROOT / 'benchmarks' / 'train_vs_upstream.py'
-  )
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
 
 
 @pytest.fixture(scope='module')
 def two_steps(tmp_path_factory):
   out = tmp_path_factory.mktemp('agreement')
   config = out / 'tiny.yaml'
-  config.write_text(TINY)
-  harness = _harness()
+  config.write_text(benchmark_scripts.TINY_RUN)
+  harness = benchmark_scripts.load('train_vs_upstream')
   assert harness.main(['--config', str(config), '--steps', '2', '--out', str(out)]) == 0
   return harness, out
 
@@ -119,7 +99,7 @@ def test_weights_after_two_steps_agree(two_steps):
 
 
 def test_the_baseline_start_is_one_rounding_away():
-  harness = _harness()
+  harness = benchmark_scripts.load('train_vs_upstream')
   rng = np.random.default_rng(0)
   state = {
     'model.0.conv.weight': rng.normal(size=(4, 3, 3, 3)).astype(np.float32),

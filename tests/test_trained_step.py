@@ -10,53 +10,36 @@ What is asserted, and why these tolerances hold on any machine:
 * upstream resumed equals upstream's uninterrupted run to the bit: the
   state handed over is the whole state;
 * **ours in float64 against upstream in float64**: the step's loss parts to
-  1e-5 relative and the change of the weights, statistics and EMA to 1e-5
-  relative over all tensors (measured 3.3e-7 and 6.7e-7; the rest is the
-  float32 the head outputs enter the loss in, on both machines measured). In
-  float64 the rounding of either side is some 1e-13, so this compares the
-  arithmetic itself: any difference of method (a gain, a term, the momentum
-  or warm-up rule, the EMA or BatchNorm update) moves it by far more;
-* ours in float32 against upstream: the same figures within 1e-4 (loss) and
-  2e-2 (changes), measured 1.4e-5 and 8.4e-4. Our float32 step is further from
-  float64 than upstream's (8.3e-4 against 6.3e-5; in the layers at strides 2
-  to 8, 1e-2 per tensor against 7e-4) while the float64 steps agree to 6.7e-7,
-  so the gap is rounding, not method; these bounds only catch a broken
-  float32 path.
+  1e-4 relative and the change of the weights, statistics and EMA to 1e-5
+  relative over all tensors (measured 2.5e-7 and 1.1e-8; in the demo's
+  trained state 3.8e-7 and 5.3e-8). Both losses round to float32 on the way
+  (ours takes float32 head outputs, upstream sums its parts in float32), the
+  rest of either step is float64: this compares the arithmetic itself, and a
+  difference of method (a gain, a term, the momentum or warm-up rule, the EMA
+  or BatchNorm update) moves it by far more (a lost momentum buffer by more
+  than 1e-2, see below). The loss bound leaves room for a near-tie of
+  SimOTA's float32 costs falling the other way on another machine;
+* ours in float32 against upstream: loss parts to 1e-4 and changes to 5e-3
+  (measured 1.4e-5 and 6.4e-5; upstream's own float32 step is 6.3e-5 from
+  float64, ours 7.9e-6). Before images were converted by
+  :func:`reorg_jax.models.yolo.unit_images`, XLA's ``x / 255`` (a product with
+  the reciprocal) gave the network other inputs than upstream's on half the
+  byte values, and this figure was 8.4e-4 (1e-2 in the first layers).
 """
 
 from __future__ import annotations
 
-import importlib.util
-import pathlib
-
+import benchmark_scripts
 import numpy as np
 import pytest
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-TINY = """\
-synthetic: {num_train: 8, num_val: 4, image_size: 128}
-train: {batch_size: 2, image_size: 128}
-augment: {mosaic: 0.5, scale: 0.5}
-eval: {batch_size: 4}
-log: {plots: false}
-"""
-
-
-def _script():
-  spec = importlib.util.spec_from_file_location(
-    'trained_step', ROOT / 'benchmarks' / 'trained_step.py'
-  )
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
 
 
 @pytest.fixture(scope='module')
 def figures(tmp_path_factory):
   out = tmp_path_factory.mktemp('trained_step')
   config = out / 'tiny.yaml'
-  config.write_text(TINY)
-  script = _script()
+  config.write_text(benchmark_scripts.TINY_RUN)
+  script = benchmark_scripts.load('trained_step')
   assert script.main(['--config', str(config), '--at', '2', '--steps', '1', '--out', str(out)]) == 0
   return script, out, script.compare(out, at=2, steps=1)
 
@@ -78,7 +61,7 @@ def test_upstream_resumes_exactly(figures):
 def test_float64_steps_are_the_same_arithmetic(figures):
   _, _, got = figures
   both = got['ours64', 'float64']
-  assert both['loss_rel_err'] < 1e-5, both
+  assert both['loss_rel_err'] < 1e-4, both
   assert both['update_rel_err'] < 1e-5, both
   assert both['ema_rel_err'] < 1e-5, both
 
@@ -87,8 +70,8 @@ def test_float32_step_agrees(figures):
   _, _, got = figures
   ours = got['ours', 'upstream']
   assert ours['loss_rel_err'] < 1e-4, ours
-  assert ours['update_rel_err'] < 2e-2, ours
-  assert ours['ema_rel_err'] < 2e-2, ours
+  assert ours['update_rel_err'] < 5e-3, ours
+  assert ours['ema_rel_err'] < 5e-3, ours
 
 
 def test_the_float64_bound_sees_a_lost_momentum_buffer(figures):

@@ -19,7 +19,6 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
@@ -92,7 +91,7 @@ def detector(
     detections = predict(
       model,
       variables,
-      placed.astype(jnp.float32) / 255.0,
+      yolo.unit_images(placed),
       max_detections=max_detections,
       max_candidates=max_candidates,
       score_threshold=score_threshold,

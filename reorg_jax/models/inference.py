@@ -157,7 +157,7 @@ def predict(
     variables: its ``params`` and ``batch_stats``.
     images: ``[B, H, W, 3]`` float images scaled to ``[0, 1]``, ``H``/``W``
       multiples of ``model.max_stride``. Integer images (``uint8`` 0..255)
-      are an error: convert them first (``images.astype(jnp.float32) / 255``).
+      are an error: convert them first (:func:`reorg_jax.models.yolo.unit_images`).
     max_detections: ``D`` (the original's ``max_det``).
     max_candidates: ``Q``, capped at ``R``, the boxes per image.
     score_threshold: minimum objectness and score (the original's ``conf_thres``;
@@ -174,7 +174,7 @@ def predict(
   if not jnp.issubdtype(images.dtype, jnp.floating):
     raise ValueError(
       f'predict needs float images scaled to [0, 1], got dtype {images.dtype}; '
-      'convert with images.astype(jnp.float32) / 255'
+      'convert uint8 images with reorg_jax.models.yolo.unit_images'
     )
   decoded = model.apply(variables, images, train=False)  # [B, R, F]
   return select_detections(

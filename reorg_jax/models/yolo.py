@@ -24,13 +24,37 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from reorg_jax.models.detect import IAuxDetect, fuse_implicit
 from reorg_jax.models.from_yaml import LayerSpec, Traversable, load_config, parse_config
 
-__all__ = ['NANO_CONFIG', 'YOLO', 'build_model', 'fuse', 'p6_nano']
+__all__ = ['NANO_CONFIG', 'YOLO', 'build_model', 'fuse', 'p6_nano', 'unit_images']
 
 NANO_CONFIG = resources.files('reorg_jax.models') / 'configs' / 'yolov7-p6-nano.yaml'
+
+# v / 255 for every byte value v, each correctly rounded to float32: upstream's
+# ``img.float() / 255`` (and NumPy's), entry by entry.
+_BYTE_TO_UNIT = np.arange(256, dtype=np.float32) / np.float32(255)
+
+
+def unit_images(images: jax.Array | np.ndarray) -> jax.Array:
+  """``uint8`` images (any shape) -> float32 in ``[0, 1]``, exactly upstream's ``x.float() / 255``.
+
+  Not ``images.astype(jnp.float32) / 255``: XLA compiles a division by a
+  constant into a multiplication by its reciprocal, which on XLA:CPU rounds
+  126 of the 256 byte values to the neighbouring float32. The first layers'
+  gradients are sensitive to that last bit: on the test scene of
+  ``tests/test_trained_step.py`` it moved their updates by about 1% (rounding
+  elsewhere in the step moves them by 1e-4). A lookup of the 256 correctly
+  rounded quotients gives upstream's inputs on every backend.
+
+  Raises:
+    ValueError: ``images`` are not ``uint8``.
+  """
+  if images.dtype != np.uint8:
+    raise ValueError(f'unit_images takes uint8 images (0..255), got dtype {images.dtype}')
+  return jnp.take(jnp.asarray(_BYTE_TO_UNIT), jnp.asarray(images).astype(jnp.int32))
 
 
 class YOLO(nn.Module):
@@ -89,8 +113,8 @@ class YOLO(nn.Module):
   def __call__(self, images: jax.Array, *, train: bool) -> tuple[jax.Array, ...] | jax.Array:
     if not jnp.issubdtype(images.dtype, jnp.floating):
       raise ValueError(
-        f'expected float images scaled to [0, 1], got dtype {images.dtype}; convert integer '
-        'images first, e.g. images.astype(jnp.float32) / 255'
+        f'expected float images scaled to [0, 1], got dtype {images.dtype}; convert uint8 '
+        'images first with reorg_jax.models.yolo.unit_images'
       )
     if images.ndim != 4 or images.shape[-1] != self.in_channels:
       raise ValueError(

@@ -32,7 +32,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from reorg_jax.loss import LossConfig, aux_ota_loss
-from reorg_jax.models.yolo import YOLO
+from reorg_jax.models.yolo import YOLO, unit_images
 from reorg_jax.targets import Targets
 from reorg_jax.training import ema as ema_lib
 from reorg_jax.training import optim, sgd
@@ -199,7 +199,8 @@ def train_step(
   Args:
     setup: static parts (see :class:`TrainSetup`).
     state: the current state.
-    batch: ``images`` ``[B, S, S, 3]`` (uint8 or float in ``[0, 1]``),
+    batch: ``images`` ``[B, S, S, 3]`` (uint8, converted by
+      :func:`~reorg_jax.models.yolo.unit_images`, or float in ``[0, 1]``),
       ``targets`` (:class:`~reorg_jax.targets.Targets` ``[B, M]``) and
       ``hparams`` (:func:`reorg_jax.training.optim.hyperparams` of ``state.step``,
       computed on the host in float64 as upstream does).
@@ -216,7 +217,7 @@ def train_step(
   """
   images = batch['images']
   if jnp.issubdtype(images.dtype, jnp.integer):
-    images = images.astype(jnp.float32) / 255.0
+    images = unit_images(images)
   targets: Targets = batch['targets']
   hparams: optim.HyperParams = batch['hparams']
 

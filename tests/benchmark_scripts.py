@@ -1,0 +1,29 @@
+"""The benchmark scripts the tests run, and the tiny run they train.
+
+``benchmarks/`` is not a package: :func:`load` imports one of its scripts by
+path. :data:`TINY_RUN` is the override YAML of the agreement tests: the demo
+recipe on 8 synthetic images of 128 px, batch 2, half the samples mosaics.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import pathlib
+from types import ModuleType
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+TINY_RUN = """\
+synthetic: {num_train: 8, num_val: 4, image_size: 128}
+train: {batch_size: 2, image_size: 128}
+augment: {mosaic: 0.5, scale: 0.5}
+eval: {batch_size: 4}
+log: {plots: false}
+"""
+
+
+def load(name: str) -> ModuleType:
+  """``benchmarks/<name>.py`` as a module."""
+  spec = importlib.util.spec_from_file_location(name, ROOT / 'benchmarks' / f'{name}.py')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
