@@ -92,13 +92,18 @@ EPOCH_COLUMNS = ('epoch', 'step', 'precision', 'recall', 'map50', 'map50_95')
 SIDES = ('ours', 'upstream', 'perturbed')
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+def add_run_options(parser: argparse.ArgumentParser) -> None:
+  """``--config``, ``--epochs``, ``--seed`` and ``--data``: the run both sides train."""
   parser.add_argument('--config', help='override YAML (default: train/configs/default.yaml)')
   parser.add_argument('--epochs', type=int, help='train.epochs')
   parser.add_argument('--seed', type=int, help='seed (weights, data order, augmentation)')
-  parser.add_argument('--steps', type=int, help='train.max_steps: stop after this many steps')
   parser.add_argument('--data', help='dataset YAML (default: the synthetic dataset)')
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+  add_run_options(parser)
+  parser.add_argument('--steps', type=int, help='train.max_steps: stop after this many steps')
   parser.add_argument('--out', default='runs/train_vs_upstream', help='output directory')
   parser.add_argument(
     '--sides',

@@ -59,6 +59,7 @@ Needs the test extra (torch and the reference package).
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import json
 import os
@@ -77,6 +78,7 @@ PARTS = ('loss', 'box', 'obj', 'cls')
 WORKERS = ('upstream', 'ours', 'ours64')
 
 
+@functools.cache
 def _harness() -> Any:
   """``train_vs_upstream.py`` (its configuration and start), loaded by path."""
   spec = importlib.util.spec_from_file_location('train_vs_upstream', _HERE / 'train_vs_upstream.py')
@@ -89,10 +91,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   parser.add_argument('--at', type=int, required=True, help='iteration of the shared state')
   parser.add_argument('--steps', type=int, default=1, help='iterations both sides take from it')
-  parser.add_argument('--config', help='override YAML (default: train/configs/default.yaml)')
-  parser.add_argument('--epochs', type=int, help='train.epochs')
-  parser.add_argument('--seed', type=int, help='seed (weights, data order, augmentation)')
-  parser.add_argument('--data', help='dataset YAML (default: the synthetic dataset)')
+  _harness().add_run_options(parser)
   parser.add_argument('--out', default='runs/trained_step', help='output directory')
   parser.add_argument(
     '--sides',
@@ -218,8 +217,6 @@ def run_ours(
   config: dict[str, Any], out: pathlib.Path, *, at: int, steps: int, float64: bool = False
 ) -> None:
   """Side (5), or (6) with ``float64``: our step from ``snapshot.npz``; writes ``ours[64]/``."""
-  import functools
-
   import jax
 
   if float64:
