@@ -430,17 +430,22 @@ def agreement_line(
   )
 
 
+def worker_config(out: pathlib.Path) -> dict[str, Any]:
+  """In a worker process: the run's saved configuration, with the oracle's helpers
+  (``tests/``) and these scripts importable."""
+  from train import config as config_lib
+
+  sys.path[:0] = [str(_TESTS), str(pathlib.Path(__file__).resolve().parent)]
+  return config_lib.load(config_path=out / 'config.yaml', overrides=None)
+
+
 def main(argv: list[str] | None = None) -> int:
   args = parse_args(argv)
   if str(_ROOT) not in sys.path:  # the training program (`train`) is not an installed package
     sys.path.insert(0, str(_ROOT))
   out = pathlib.Path(args.out).resolve()
   if args.worker is not None:
-    from train import config as config_lib
-
-    sys.path[:0] = [str(_TESTS), str(pathlib.Path(__file__).resolve().parent)]
-
-    config = config_lib.load(config_path=out / 'config.yaml', overrides=None)
+    config = worker_config(out)
     side = out / args.worker
     side.mkdir(parents=True, exist_ok=True)
     if args.worker == 'ours':

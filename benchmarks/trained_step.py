@@ -406,10 +406,7 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(_ROOT))
   out = pathlib.Path(args.out).resolve()
   if args.worker is not None:
-    from train import config as config_lib
-
-    sys.path[:0] = [str(_ROOT / 'tests'), str(_HERE)]
-    config = config_lib.load(config_path=out / 'config.yaml', overrides=None)
+    config = _harness().worker_config(out)
     if args.worker == 'upstream':
       run_upstream(config, out, at=args.at, steps=args.steps)
     else:
