@@ -128,21 +128,51 @@ def _upstream_missing() -> str | None:
   return None
 
 
+def _fresh_gradients(framework: str, shapes: list[tuple[int, ...]]):
+  """A callable writing one float32 array of each shape into freshly allocated memory.
+
+  This is the least any forward+backward that returns the head gradients must
+  do: every one of their pages is written once. Ours is a jitted fill (XLA
+  allocates its outputs anew on every call), upstream's ``torch.full``.
+  """
+  if framework == 'ours':
+    import jax
+    import jax.numpy as jnp
+
+    fill = jax.jit(lambda value: [jnp.full(shape, value, jnp.float32) for shape in shapes])
+    value = jax.device_put(np.float32(1.0))
+    return lambda: jax.block_until_ready(fill(value))
+  import torch
+
+  return lambda: [torch.full(shape, 1.0, dtype=torch.float32) for shape in shapes]
+
+
 def worker(framework: str, args: argparse.Namespace) -> None:
   """Serves timing requests on stdin, one JSON line each, answering on stdout.
 
   A request ``{"boxes": n}`` builds (once per box count) the case and the
   callables, makes one untimed call of each, then times ``repeats`` calls of
   each and answers ``{"forward": [ms...], "backward": [ms...], "first_s": s}``.
+  A request ``{"fresh": true}`` times :func:`_fresh_gradients` of the head
+  output shapes the same way and answers ``{"fresh": [ms...]}``.
   """
   missing = _upstream_missing() if framework == 'upstream' else None
   print(json.dumps({'ready': missing is None, 'reason': missing}), flush=True)
   if missing is not None:
     return
   build = _ours if framework == 'ours' else _upstream
-  cached, first = None, {}
+  cached, first, fresh = None, {}, None
   for line in sys.stdin:
-    boxes = json.loads(line)['boxes']
+    request = json.loads(line)
+    if request.get('fresh'):
+      if fresh is None:
+        shapes = [o.shape for o in make_case(0, args.batch, 0, args.size, args.classes)[3]]
+        fresh = _fresh_gradients(framework, shapes)
+        fresh()
+      time.sleep(_SETTLE_S)
+      print(json.dumps({'fresh': _times_ms(fresh, args.repeats)}), flush=True)
+      continue
+    boxes = request['boxes']
     if cached is None or cached[0] != boxes:
       cached = None  # free the previous case first
       case = make_case(boxes, args.batch, boxes, args.size, args.classes)
@@ -204,8 +234,8 @@ class _Worker:
       raise RuntimeError(f'the {self.framework} worker exited with status {code}; see above')
     return json.loads(line)
 
-  def time(self, boxes: int) -> dict:
-    self.process.stdin.write(json.dumps({'boxes': boxes}) + '\n')
+  def time(self, **request) -> dict:
+    self.process.stdin.write(json.dumps(request) + '\n')
     self.process.stdin.flush()
     return self._read()
 
@@ -258,6 +288,30 @@ def _parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
   return args, shared
 
 
+def _print_fresh(workers: list[_Worker], rounds: int, upstream_backward: dict[int, float]) -> None:
+  """Times writing the head gradients into fresh memory on each side and prints the ceilings.
+
+  A forward+backward that returns the ``2L`` head gradients writes each of
+  their pages at least once, so upstream's forward+backward over this time is
+  the highest ratio any implementation of the loss could print here.
+  """
+  bests = {w.framework: [] for w in workers}
+  for round_index in range(rounds):
+    for w in workers if round_index % 2 == 0 else workers[::-1]:
+      if w.ready:
+        bests[w.framework].append(min(w.time(fresh=True)['fresh']))
+  ours = min(bests['ours'])
+  text = f'ours {ours:.1f} ms {_spread(bests["ours"])}'
+  if bests['upstream']:
+    text = f'upstream {min(bests["upstream"]):.1f} ms {_spread(bests["upstream"])}, ' + text
+  print(f'writing the head gradients into fresh memory (the least a fwd+bwd does): {text}')
+  for boxes, upstream_ms in upstream_backward.items():
+    print(
+      f'{boxes:>9}  fwd+bwd ceiling: upstream fwd+bwd best / our fresh write = '
+      f'{upstream_ms:.1f} / {ours:.1f} = {upstream_ms / ours:.1f}x'
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
   args, shared = _parse(argv)
   if args.worker == 'memory':
@@ -286,6 +340,7 @@ def main(argv: list[str] | None = None) -> None:
     f'{"boxes/img":>9}  {"":<8} {"up best":>8} {"upstream rounds":>22} {"ours best":>9} '
     f'{"ours rounds":>20} {"ratio":>6} {"ratio rounds":>18}'
   )
+  upstream_backward = {}  # best forward+backward ms per box count
   try:
     for boxes in counts:
       results = {'ours': [], 'upstream': []}
@@ -293,7 +348,7 @@ def main(argv: list[str] | None = None) -> None:
         order = workers if round_index % 2 == 0 else workers[::-1]
         for w in order:
           if w.ready:
-            results[w.framework].append(w.time(boxes))
+            results[w.framework].append(w.time(boxes=boxes))
       for key, label in (('forward', 'fwd'), ('backward', 'fwd+bwd')):
         ours_best = [min(r[key]) for r in results['ours']]
         ours_text = f'{min(ours_best):>9.1f} {_spread(ours_best):>20}'
@@ -309,6 +364,9 @@ def main(argv: list[str] | None = None) -> None:
         print(f'{boxes:>9}  {label:<8} {line}', flush=True)
       first = results['ours'][0]['first_s']
       print(f'{"":>9}  (our first calls, compiling both: {first:.1f} s)', flush=True)
+      if upstream.ready:
+        upstream_backward[boxes] = min(min(r['backward']) for r in results['upstream'])
+    _print_fresh(workers, args.rounds, upstream_backward)
   finally:
     for w in workers:
       w.close()

@@ -51,10 +51,12 @@ from reorg_jax.targets import Targets
 def softplus(x: jax.Array) -> jax.Array:
   """``log(1 + exp(x))``, element-wise, with derivative ``sigmoid(x)``.
 
-  Written as ``max(x, 0) + log1p(exp(-|x|))``; XLA:CPU runs it several times
-  faster than ``jax.nn.softplus`` (``logaddexp``) on the head outputs.
+  ``logaddexp(x, 0)``, that is ``max(x, 0) + log1p(exp(-|x|))``. Written with
+  ``where``, XLA:CPU read the strided objectness channel of the head outputs
+  twice (one fusion for each term); as ``logaddexp`` it reads it once, and the
+  loss's dense objectness sum takes about half the time.
   """
-  return jnp.where(x > 0, x, 0.0) + jnp.log1p(jnp.exp(-jnp.abs(x)))
+  return jnp.logaddexp(x, 0.0)
 
 
 @softplus.defjvp
