@@ -137,6 +137,16 @@ def _upstream_missing() -> str | None:
   return None
 
 
+def _head_shapes(args: argparse.Namespace) -> list[tuple[int, ...]]:
+  """The ``2L`` head output shapes ``[B, A, H_l, W_l, 5 + C]`` of :func:`make_case`'s scenes."""
+  config = reorg_jax.LossConfig.p6(args.classes)
+  level_shapes = [
+    (args.batch, config.num_anchors, args.size // s, args.size // s, 5 + args.classes)
+    for s in config.strides
+  ]
+  return level_shapes * 2
+
+
 def _fresh_gradients(framework: str, shapes: list[tuple[int, ...]]):
   """A callable writing one float32 array of each shape into freshly allocated memory.
 
@@ -175,8 +185,7 @@ def worker(framework: str, args: argparse.Namespace) -> None:
     request = json.loads(line)
     if request.get('fresh'):
       if fresh is None:
-        shapes = [o.shape for o in make_case(0, args.batch, 0, args.size, args.classes)[3]]
-        fresh = _fresh_gradients(framework, shapes)
+        fresh = _fresh_gradients(framework, _head_shapes(args))
         fresh()
       time.sleep(_SETTLE_S)
       print(json.dumps({'fresh': _times_ms(fresh, args.repeats)}), flush=True)
@@ -297,6 +306,16 @@ def _parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
   return args, shared
 
 
+def _alternate(workers: list[_Worker], rounds: int, **request) -> dict[str, list[dict]]:
+  """Each ready worker's answers to ``rounds`` requests, alternating which worker goes first."""
+  answers = {w.framework: [] for w in workers}
+  for round_index in range(rounds):
+    for w in workers if round_index % 2 == 0 else workers[::-1]:
+      if w.ready:
+        answers[w.framework].append(w.time(**request))
+  return answers
+
+
 def _print_fresh(workers: list[_Worker], rounds: int, upstream_backward: dict[int, float]) -> None:
   """Times writing the head gradients into fresh memory on each side and prints what it bounds.
 
@@ -304,11 +323,8 @@ def _print_fresh(workers: list[_Worker], rounds: int, upstream_backward: dict[in
   their pages at least once; upstream's forward+backward over our time for
   that write alone is the ratio if our loss cost nothing more.
   """
-  bests = {w.framework: [] for w in workers}
-  for round_index in range(rounds):
-    for w in workers if round_index % 2 == 0 else workers[::-1]:
-      if w.ready:
-        bests[w.framework].append(min(w.time(fresh=True)['fresh']))
+  answers = _alternate(workers, rounds, fresh=True)
+  bests = {side: [min(a['fresh']) for a in answers[side]] for side in answers}
   ours = min(bests['ours'])
   text = f'ours {ours:.1f} ms {_spread(bests["ours"])}'
   if bests['upstream']:
@@ -352,17 +368,14 @@ def main(argv: list[str] | None = None) -> None:
   upstream_backward = {}  # best forward+backward ms per box count
   try:
     for boxes in counts:
-      results = {'ours': [], 'upstream': []}
-      for round_index in range(args.rounds):
-        order = workers if round_index % 2 == 0 else workers[::-1]
-        for w in order:
-          if w.ready:
-            results[w.framework].append(w.time(boxes=boxes))
+      results = _alternate(workers, args.rounds, boxes=boxes)
       for key, label in (('forward', 'fwd'), ('backward', 'fwd+bwd')):
         ours_best = [min(r[key]) for r in results['ours']]
         ours_text = f'{min(ours_best):>9.1f} {_spread(ours_best):>20}'
         if upstream.ready:
           up_best = [min(r[key]) for r in results['upstream']]
+          if key == 'backward':
+            upstream_backward[boxes] = min(up_best)
           ratios = [u / o for u, o in zip(up_best, ours_best, strict=True)]
           line = (
             f'{min(up_best):>8.1f} {_spread(up_best):>22} {ours_text} '
@@ -373,8 +386,6 @@ def main(argv: list[str] | None = None) -> None:
         print(f'{boxes:>9}  {label:<8} {line}', flush=True)
       first = results['ours'][0]['first_s']
       print(f'{"":>9}  (our first calls, compiling both: {first:.1f} s)', flush=True)
-      if upstream.ready:
-        upstream_backward[boxes] = min(min(r['backward']) for r in results['upstream'])
     _print_fresh(workers, args.rounds, upstream_backward)
   finally:
     for w in workers:
