@@ -7,6 +7,8 @@ and check the custom VJP against plain autodiff of the same forward, torch-free.
 
 from __future__ import annotations
 
+import collections
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -100,15 +102,38 @@ def _plain_loss_parts(outputs, slots, targets, layout, image_hw):
   return sparse + dense
 
 
+def _shared_cells(assignment) -> int:
+  """Cells trained by more than one positive of one head."""
+  key = np.stack([np.asarray(getattr(assignment, n)) for n in ('level', 'anchor', 'gj', 'gi')], -1)
+  positive = np.asarray(assignment.positive)
+  shared = 0
+  for image in range(positive.shape[0]):
+    cells = collections.Counter(map(tuple, key[image, positive[image]]))
+    shared += sum(count > 1 for count in cells.values())
+  return shared
+
+
+# One image group and no capacity ladder compile one branch instead of twelve; the default
+# speed settings run in the first case (the gradient does not depend on them:
+# tests/test_compact.py).
+_FLAT = {'batch_groups': 1, 'capacity_fractions': ()}
+
+
 @pytest.mark.parametrize(
-  'seed, counts, overrides',
+  'seed, counts, overrides, jit',
   [
-    (3, [12, 5, 0], {}),
-    (4, [12, 12], {'label_smoothing': 0.1, 'cls_pw': 1.5, 'obj_pw': 0.7, 'gr': 0.5}),
+    (3, [12, 5, 0], {}, True),
+    (4, [12, 12], {'label_smoothing': 0.1, 'cls_pw': 1.5, 'obj_pw': 0.7, 'gr': 0.5, **_FLAT}, True),
+    # Box centres on cell corners: lead-head entries share their coarse source's cell.
+    (2, [12, 9, 3, 12], {'corner_centres': True, 'num_classes': 3, **_FLAT}, True),
+    (2, [12, 9, 3, 12], {'corner_centres': True, 'num_classes': 3, **_FLAT}, False),
+    (5, [12, 12, 7], {'num_classes': 1, **_FLAT}, True),
   ],
-  ids=['default', 'weighted'],
+  ids=['default', 'weighted', 'corner_centres', 'corner_centres-no_jit', 'one_class'],
 )
-def test_custom_vjp_equals_autodiff_of_the_forward(seed, counts, overrides):
+def test_custom_vjp_equals_autodiff_of_the_forward(seed, counts, overrides, jit):
+  """The backward pass (objectness everywhere; box, objectness and class at the entries' cells)
+  equals autodiff of the forward, also where several positives train one cell."""
   config, targets, outputs = testing.random_scene(seed, counts, **overrides)
   layout = SlotLayout(config, _assign.grid_shapes(outputs[: config.num_levels], config), 12)
   slots = _packed.head_slots(targets, layout)
@@ -120,10 +145,17 @@ def test_custom_vjp_equals_autodiff_of_the_forward(seed, counts, overrides):
   def plain(outs):
     return jnp.sum(cotangent * _plain_loss_parts(tuple(outs), slots, targets, layout, HW))
 
-  value, grads = jax.jit(jax.value_and_grad(custom))(outputs)
-  plain_value, plain_grads = jax.jit(jax.value_and_grad(plain))(outputs)
+  wrap = jax.jit if jit else (lambda f: f)
+  value, grads = wrap(jax.value_and_grad(custom))(outputs)
+  plain_value, plain_grads = wrap(jax.value_and_grad(plain))(outputs)
   np.testing.assert_allclose(value, plain_value, rtol=1e-6)
   scale = max(float(jnp.max(jnp.abs(g))) for g in plain_grads)
   for got, want in zip(grads, plain_grads, strict=True):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * scale)
   assert sum(int(jnp.sum(g[..., :4] != 0)) for g in plain_grads) > 0
+  if config.num_classes > 1:
+    assert sum(int(jnp.sum(g[..., 5:] != 0)) for g in plain_grads) > 0
+  if overrides.get('corner_centres'):
+    # Several positives of one head train one cell (lead entries on their coarse source's).
+    lead = outputs[: config.num_levels]
+    assert _shared_cells(_assign.assign(lead, targets, HW, config, coarse=False)) > 0

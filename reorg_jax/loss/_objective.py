@@ -28,41 +28,32 @@ groups; in each, the assignment runs on packed live slots
 level. The per-level means are taken over the whole batch. The objectness
 BCE is split as ``BCE(x, t) = softplus(x) + t * ((pw - 1) * softplus(-x) - x)``:
 a dense sum of ``softplus`` over every cell, plus a correction at the
-positives, so no dense target grid is built.
+positives, so no dense target grid is built (:mod:`reorg_jax.loss._bce`).
+
+The gradient (a custom VJP, equal to autodiff of the forward) writes each head
+output once: ``sigmoid`` of the objectness everywhere, then, at the cells of
+the entries, their box and objectness derivatives (taken by autodiff inside
+the groups, kept per entry in the ``[B, K]`` slot layout) and their class
+derivative, computed there from the class logits, the positive flag and the
+class (:func:`reorg_jax.loss._bce.class_gradient`). No ``[B, K, F]`` array is
+kept between the passes.
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from reorg_jax import boxes as box_lib
-from reorg_jax.loss import _assign, _packed
+from reorg_jax.loss import _assign, _bce, _packed
 from reorg_jax.loss._config import LossConfig
 from reorg_jax.loss._slots import SlotLayout, take_rows
 from reorg_jax.targets import Targets
-
-
-@jax.custom_jvp
-def softplus(x: jax.Array) -> jax.Array:
-  """``log(1 + exp(x))``, element-wise, with derivative ``sigmoid(x)``.
-
-  ``logaddexp(x, 0)``, that is ``max(x, 0) + log1p(exp(-|x|))``. Written with
-  ``where``, XLA:CPU read the strided objectness channel of the head outputs
-  twice (one fusion for each term); as ``logaddexp`` it reads it once, and the
-  loss's dense objectness sum takes about half the time.
-  """
-  return jnp.logaddexp(x, 0.0)
-
-
-@softplus.defjvp
-def _softplus_jvp(primals, tangents):
-  (x,), (dx,) = primals, tangents
-  return softplus(x), dx * jax.nn.sigmoid(x)
 
 
 def _level_sums(values: jax.Array, level: jax.Array, num_levels: int) -> jax.Array:
@@ -71,64 +62,32 @@ def _level_sums(values: jax.Array, level: jax.Array, num_levels: int) -> jax.Arr
   return jnp.sum(jnp.where(one_hot, values[..., None], 0.0), axis=(0, 1))
 
 
-def _class_bce_sums(
-  rows: jax.Array, place: jax.Array, true_class: jax.Array, config: LossConfig
-) -> jax.Array:
-  """``[B, N]`` class BCE summed over classes, against the smoothed one-hot class.
-
-  With targets ``t_c`` equal to ``cn`` except ``cp`` at the true class and
-  ``pw = cls_pw``, ``BCE = (1 + (pw - 1) t) softplus(x) - pw t x``; the class
-  sum needs only ``sum softplus`` and ``sum x`` of each row and the true
-  class's logit.
-
-  Args:
-    rows: ``[B, R, 5 + C]`` head outputs.
-    place: ``[B, N]`` row of each entry.
-    true_class: ``[B, N]`` class of each entry's box.
-    config: ``label_smoothing`` and ``cls_pw``.
-  """
-  smooth = config.label_smoothing
-  high, low = 1.0 - 0.5 * smooth, 0.5 * smooth
-  pw = config.cls_pw
-  logits = rows[..., 5:]
-  softplus_sum = take_rows(jnp.sum(softplus(logits), axis=-1), place)  # [B, N]
-  logit_sum = take_rows(jnp.sum(logits, axis=-1), place)
-  true_logit = jax.vmap(lambda values, row, c: values[row, c])(logits, place, true_class)
-  return (
-    (1.0 + (pw - 1.0) * low) * softplus_sum
-    + (pw - 1.0) * (high - low) * softplus(true_logit)
-    - pw * (low * logit_sum + (high - low) * true_logit)
-  )
-
-
-def _head_terms(
-  rows: jax.Array,
+def _entry_terms(
+  preds: jax.Array,
   packed: _packed.PackedAssignment,
   slots: _packed.HeadSlots,
   targets: Targets,
   layout: SlotLayout,
 ) -> dict[str, jax.Array]:
-  """Per-level sums of one head's loss terms at its packed positives.
+  """Per-level sums of one head's box and objectness terms at its packed positives.
 
   Args:
-    rows: ``[B, N, F]`` the head's outputs at the packed coarse slots' cells.
-    packed: the head's ``[B, N]`` assignment; ``packed.place`` is the row of
-      each entry.
+    preds: ``[B, N, 5]`` the head's box and objectness logits at the cell of
+      each entry (``take_rows(rows[..., :5], packed.place)``).
+    packed: the head's ``[B, N]`` assignment.
     slots: candidate cells.
     targets: ``[B, M, ...]`` boxes.
     layout: the slots; its ``config`` gives the hyper-parameters.
 
   Returns:
-    ``[L]`` arrays: ``box`` (sum of ``1 - CIoU``), ``positives``, ``cls``
-    (sum of class BCE over positives and classes) and ``obj`` (the
-    objectness correction summed over the cells that positives write).
+    ``[L]`` arrays: ``box`` (sum of ``1 - CIoU``), ``positives`` and ``obj``
+    (the objectness correction summed over the cells that positives write).
   """
   config = layout.config
   levels = config.num_levels
   level = jnp.asarray(layout.level)[packed.slot]  # [B, N]
   gj, gi = take_rows(slots.gj, packed.source), take_rows(slots.gi, packed.source)
   positive = packed.positive & packed.filled
-  preds = take_rows(rows[..., :5], packed.place)  # [B, N, 5]
 
   gain = jnp.asarray(layout.grid_wh)[packed.slot]  # [B, N, 2]
   true = take_rows(targets.boxes, packed.gt).astype(jnp.float32)  # [B, N, 4]
@@ -139,12 +98,6 @@ def _head_terms(
     'box': _level_sums(jnp.where(positive, 1.0 - ciou, 0.0), level, levels),
     'positives': _level_sums(positive.astype(jnp.float32), level, levels),
   }
-  if config.num_classes > 1:
-    true_class = take_rows(targets.classes, packed.gt)
-    bce = _class_bce_sums(rows, packed.place, true_class, config)
-    terms['cls'] = _level_sums(jnp.where(positive, bce, 0.0), level, levels)
-  else:
-    terms['cls'] = jnp.zeros((levels,), jnp.float32)
 
   # Several positives can write the same cell (two boxes proposing one cell and
   # anchor). Upstream's indexed write leaves the order unspecified; on CPU the
@@ -159,12 +112,56 @@ def _head_terms(
   writes = positive & (last[rows, flat_cell] == order)
   value = (1.0 - config.gr) + config.gr * jnp.clip(jax.lax.stop_gradient(ciou), 0)
   logit = preds[..., 4]
-  correction = value * ((config.obj_pw - 1.0) * softplus(-logit) - logit)
+  correction = value * ((config.obj_pw - 1.0) * _bce.softplus(-logit) - logit)
   terms['obj'] = _level_sums(jnp.where(writes, correction, 0.0), level, levels)
   return terms
 
 
+def _class_terms(
+  rows: jax.Array, packed: _packed.PackedAssignment, targets: Targets, layout: SlotLayout
+) -> jax.Array:
+  """``[L]`` sums of one head's class BCE over its packed positives and the classes.
+
+  Zero when ``C == 1`` (upstream has no class term then).
+
+  Args:
+    rows: ``[B, N, F]`` the head's outputs at the packed coarse places.
+    packed: the head's ``[B, N]`` assignment; ``packed.place`` is the row of
+      each entry.
+    targets: ``[B, M, ...]`` boxes.
+    layout: the slots; its ``config`` gives the hyper-parameters.
+  """
+  config = layout.config
+  levels = config.num_levels
+  if config.num_classes == 1:
+    return jnp.zeros((levels,), jnp.float32)
+  level = jnp.asarray(layout.level)[packed.slot]  # [B, N]
+  positive = packed.positive & packed.filled
+  true_class = take_rows(targets.classes, packed.gt)
+  bce = _bce.class_sums(rows, packed.place, true_class, config)
+  return _level_sums(jnp.where(positive, bce, 0.0), level, levels)
+
+
 _TERMS = ('box', 'positives', 'cls', 'obj')
+
+
+class EntryGradients(NamedTuple):
+  """One head's positives and their box and objectness gradient, in the ``[B, K]`` slot layout.
+
+  Each entry (a candidate of the head) sits at its own slot ``k``; its cell is
+  the coarse cell of ``k`` for the auxiliary head and of ``fine_source[k]``
+  for the lead head.
+
+  Attributes:
+    box_obj: ``[B, K, 5]`` derivative of the head's ``sum(box) + sum(obj)``
+      (per-level sums, unweighted) by the entry's box and objectness logits.
+    positive: ``[B, K]`` the entry survived SimOTA.
+    true_class: ``[B, K]`` int32 class of its box (0 where not positive).
+  """
+
+  box_obj: jax.Array
+  positive: jax.Array
+  true_class: jax.Array
 
 
 def _group_heads(outputs, slots, targets, layout, image_hw, *, images: slice, capacity: int):
@@ -179,10 +176,11 @@ def _group_heads(outputs, slots, targets, layout, image_hw, *, images: slice, ca
     capacity: ``N``, at least the group's largest live slot count.
 
   Returns:
-    ``heads`` (lead then auxiliary: each the ``[G, N, F]`` rows at the packed
-    coarse places and a function of those rows giving ``sum(box) + sum(obj) +
-    sum(cls)`` and the ``[4, L]`` :data:`_TERMS` sums), the packed ``slot``
-    and ``filled`` (``[G, N]``) and the group's ``slots``.
+    ``(heads, slots, targets)``: ``heads`` holds, lead then auxiliary, the
+    ``[G, N, F]`` rows at the packed coarse places and the head's
+    ``[G, N]`` :class:`~reorg_jax.loss._packed.PackedAssignment` (both heads
+    read their rows at the coarse places: the lead head's entries point into
+    them through ``place``); ``slots`` and ``targets`` are the group's.
   """
   levels = layout.config.num_levels
   outputs = [out[images] for out in outputs]
@@ -190,52 +188,60 @@ def _group_heads(outputs, slots, targets, layout, image_hw, *, images: slice, ca
   targets = jax.tree.map(lambda x: x[images], targets)
   lead, aux = outputs[:levels], outputs[levels:]
   slot, filled = _packed.pack(slots.live, capacity)
-  lead_preds = _packed.rows_at(lead, slot, slots, layout).astype(jnp.float32)  # [G, N, F]
-  fine, coarse = _packed.assign_packed(lead_preds, slot, filled, slots, targets, image_hw, layout)
-  aux_preds = _packed.rows_at(aux, slot, slots, layout).astype(jnp.float32)
-  heads = []
-  # Both heads read their rows at the coarse places: the fine head's entries
-  # point into them through ``place``, so its gradient lands on coarse slots.
-  for rows, packed in ((lead_preds, fine), (aux_preds, coarse)):
-
-    def head_sums(rows, packed=packed):
-      head = _head_terms(rows, packed, slots, targets, layout)
-      total = jnp.sum(head['box']) + jnp.sum(head['obj']) + jnp.sum(head['cls'])
-      return total, jnp.stack([head[name] for name in _TERMS])
-
-    heads.append((rows, head_sums))
-  return heads, slot, filled, slots
+  lead_rows = _packed.rows_at(lead, slot, slots, layout).astype(jnp.float32)  # [G, N, F]
+  fine, coarse = _packed.assign_packed(lead_rows, slot, filled, slots, targets, image_hw, layout)
+  aux_rows = _packed.rows_at(aux, slot, slots, layout).astype(jnp.float32)
+  return ((lead_rows, fine), (aux_rows, coarse)), slots, targets
 
 
-def _group_terms(*args, images: slice, capacity: int) -> jax.Array:
+def _group_terms(
+  outputs, slots, targets, layout, image_hw, *, images: slice, capacity: int
+) -> jax.Array:
   """``[2, 4, L]`` (lead, auxiliary) x :data:`_TERMS` x levels: unweighted sums of a group."""
-  heads, _, _, _ = _group_heads(*args, images=images, capacity=capacity)
-  return jnp.stack([head_sums(rows)[1] for rows, head_sums in heads])
+  heads, slots, targets = _group_heads(
+    outputs, slots, targets, layout, image_hw, images=images, capacity=capacity
+  )
+  sums = []
+  for rows, packed in heads:
+    head = _entry_terms(take_rows(rows[..., :5], packed.place), packed, slots, targets, layout)
+    head['cls'] = _class_terms(rows, packed, targets, layout)
+    sums.append(jnp.stack([head[name] for name in _TERMS]))
+  return jnp.stack(sums)
 
 
 def _group_terms_and_gradients(
-  *args, images: slice, capacity: int
-) -> tuple[jax.Array, list[jax.Array]]:
-  """:func:`_group_terms` and each head's gradient of its ``sum(box) + sum(obj) + sum(cls)``.
+  outputs, slots, targets, layout, image_hw, *, images: slice, capacity: int
+) -> tuple[jax.Array, tuple[EntryGradients, EntryGradients]]:
+  """:func:`_group_terms` and each head's :class:`EntryGradients` (``[G, K]``).
 
-  The gradients are with respect to the head's rows at all ``K`` slots
-  (``2 x [G, K, F]``). The three sums touch disjoint channels (box: 0-3,
-  objectness: 4, class: 5 on), so their per-level weights can be applied to
-  the gradient later, channel by channel.
+  Only the box and objectness derivatives are taken here, by entry; the class
+  derivative is a function of the logits, the positive flag and the class
+  (:func:`_class_gradient`), so the backward pass computes it at the cells
+  and no ``[G, K, F]`` array leaves the branch.
   """
-  heads, slot, filled, slots = _group_heads(*args, images=images, capacity=capacity)
-  terms, gradients = [], []
-  for rows, head_sums in heads:
-    _, pullback, head = jax.vjp(head_sums, rows, has_aux=True)
-    (gradient,) = pullback(jnp.ones((), jnp.float32))  # [G, N, F]
-    batch, num_slots = slots.live.shape
-    full = jnp.zeros((batch, num_slots, gradient.shape[-1]), gradient.dtype)
-    full = full.at[jnp.arange(batch)[:, None], slot].add(
-      jnp.where(filled[..., None], gradient, 0.0)
-    )
-    terms.append(head)
-    gradients.append(full)
-  return jnp.stack(terms), gradients
+  heads, slots, targets = _group_heads(
+    outputs, slots, targets, layout, image_hw, images=images, capacity=capacity
+  )
+  terms, entries = [], []
+  for rows, packed in heads:
+
+    def box_obj_sum(preds, packed=packed):
+      head = _entry_terms(preds, packed, slots, targets, layout)
+      return jnp.sum(head['box']) + jnp.sum(head['obj']), head
+
+    preds = take_rows(rows[..., :5], packed.place)  # [G, N, 5]
+    _, pullback, head = jax.vjp(box_obj_sum, preds, has_aux=True)
+    (gradient,) = pullback(jnp.ones((), jnp.float32))
+    head['cls'] = _class_terms(rows, packed, targets, layout)
+    terms.append(jnp.stack([head[name] for name in _TERMS]))
+    positive, gt = packed.scatter(layout.num_slots)
+    batch = positive.shape[0]
+    where = jnp.where(packed.filled, packed.slot, layout.num_slots)
+    box_obj = jnp.zeros((batch, layout.num_slots, 5), jnp.float32)
+    box_obj = box_obj.at[jnp.arange(batch)[:, None], where].set(gradient, mode='drop')
+    true_class = jnp.where(positive, take_rows(targets.classes, gt), 0)
+    entries.append(EntryGradients(box_obj=box_obj, positive=positive, true_class=true_class))
+  return jnp.stack(terms), tuple(entries)
 
 
 def _batch_groups(batch: int, config: LossConfig) -> list[slice]:
@@ -270,7 +276,7 @@ def _dense_objectness(outputs, layout: SlotLayout) -> tuple[jax.Array, list[jax.
     total = jnp.zeros((), jnp.float32)
     for level, out in enumerate(head):
       logits = out[..., 4].astype(jnp.float32)
-      total = total + weights[level] * jnp.sum(softplus(logits))
+      total = total + weights[level] * jnp.sum(_bce.softplus(logits))
       sigmoids.append(jax.nn.sigmoid(logits))
     dense.append(jnp.stack([jnp.zeros(()), total, jnp.zeros(())]))
   return jnp.stack(dense), sigmoids
@@ -326,37 +332,45 @@ def _loss_parts_forward(outputs, slots, targets, layout, image_hw):
   groups = _capacity_switch(_group_terms_and_gradients, outputs, slots, targets, layout, image_hw)
   sparse, weights = _weighted([terms for terms, _ in groups], outputs, layout)
   dense, sigmoids = _dense_objectness(outputs, layout)
-  gradients = [
-    jnp.concatenate([group[head] for _, group in groups], axis=0) for head in range(2)
-  ]  # 2 x [B, K, F]
-  return sparse + dense, (outputs, sigmoids, slots, gradients, weights)
+  entries = jax.tree.map(lambda *x: jnp.concatenate(x, axis=0), *[group for _, group in groups])
+  return sparse + dense, (outputs, sigmoids, slots, entries, weights)
 
 
 def _loss_parts_backward(layout, image_hw, residuals, cotangent):
-  """Each output's gradient written once: objectness everywhere, the rest at candidate rows."""
+  """Each output's gradient written once: objectness everywhere, the rest at the entries' cells."""
   del image_hw
-  outputs, sigmoids, slots, gradients, weights = residuals
-  levels = layout.config.num_levels
-  num_classes = layout.config.num_classes
+  outputs, sigmoids, slots, entries, weights = residuals
+  config = layout.config
+  levels = config.num_levels
   obj_weights = layout.objectness_weight(outputs[0].shape[0])
+  # Lead-head entries sit on the cell of their coarse source slot.
+  cells = (
+    (take_rows(slots.gj, slots.fine_source), take_rows(slots.gi, slots.fine_source)),
+    (slots.gj, slots.gi),
+  )
   result = []
   for head in range(2):
     box, obj, cls = cotangent[head, 0], cotangent[head, 1], cotangent[head, 2]
+    entry = entries[head]
+    gj, gi = cells[head]
     for level in range(levels):
       box_w, obj_w, cls_w = (weights[head, part, level] for part in range(3))
-      scale = jnp.concatenate(
-        [jnp.full((4,), box * box_w), (obj * obj_w)[None], jnp.full((num_classes,), cls * cls_w)]
-      )
       out = outputs[head * levels + level]
       batch, anchors, grid_h, grid_w, features = out.shape
+      part = layout.level_slice(level)
+      row = layout.level_row(level, jnp.asarray(layout.anchor[part]), gj[:, part], gi[:, part])
+      scale = jnp.concatenate([jnp.full((4,), box * box_w), (obj * obj_w)[None]])
+      flat = out.reshape(batch, anchors * grid_h * grid_w, features)
+      if config.num_classes > 1:
+        logits = take_rows(flat[..., 5:], row).astype(jnp.float32)  # [B, S, C]
+        positive, true_class = entry.positive[:, part], entry.true_class[:, part]
+        class_rows = _bce.class_gradient(logits, positive, true_class, config) * (cls * cls_w)
+      else:
+        class_rows = jnp.zeros((batch, row.shape[1], 1), jnp.float32)
+      rows = jnp.concatenate([entry.box_obj[:, part] * scale, class_rows], axis=-1)
       sigmoid = sigmoids[head * levels + level]
       full = jnp.zeros(out.shape, jnp.float32).at[..., 4].set(obj * obj_weights[level] * sigmoid)
       full = full.reshape(batch, anchors * grid_h * grid_w, features)
-      part = layout.level_slice(level)
-      row = layout.level_row(
-        level, jnp.asarray(layout.anchor[part]), slots.gj[:, part], slots.gi[:, part]
-      )
-      rows = gradients[head][:, part] * scale
       full = full.at[jnp.arange(batch)[:, None], row].add(rows)
       result.append(full.reshape(out.shape).astype(out.dtype))
   return tuple(result), None, None
