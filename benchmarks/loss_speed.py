@@ -14,6 +14,10 @@ the least disturbed figure of each side. Upstream's inputs require
 grad, as in training; compilation is excluded (it happens in the first,
 untimed call of a box count).
 
+Each side also counts the minor page faults of its timed forward+backward
+calls (``getrusage``): the pages a call touched for the first time, mostly
+memory its outputs and temporaries were freshly given.
+
 Last, both workers time writing one float32 array of each head output's shape
 (the ``2L`` gradients, 277 MB at the defaults) into freshly allocated memory,
 which any forward+backward that returns them does too, and prints upstream's
@@ -76,12 +80,21 @@ def make_case(seed: int, batch: int, boxes: int, size: int, num_classes: int):
   return config, (size, size), targets, [np.array(o) for o in outputs]  # writable, for torch
 
 
-def _times_ms(fn, repeats: int) -> list[float]:
+def _times_ms(fn, repeats: int, faults: list[int] | None = None) -> list[float]:
+  """Milliseconds of ``repeats`` calls; appends each call's minor page faults to ``faults``.
+
+  The fault count (``getrusage``, read outside the timed window) is the number
+  of pages the call touched for the first time: on Linux, mostly freshly
+  mapped memory of its outputs and temporaries.
+  """
   times = []
   for _ in range(repeats):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     start = time.perf_counter()
     fn()
     times.append((time.perf_counter() - start) * 1e3)
+    if faults is not None:
+      faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
   return times
 
 
@@ -171,9 +184,11 @@ def worker(framework: str, args: argparse.Namespace) -> None:
 
   A request ``{"boxes": n}`` builds (once per box count) the case and the
   callables, makes one untimed call of each, then times ``repeats`` calls of
-  each and answers ``{"forward": [ms...], "backward": [ms...], "first_s": s}``.
-  A request ``{"fresh": true}`` times :func:`_fresh_gradients` of the head
-  output shapes the same way and answers ``{"fresh": [ms...]}``.
+  each and answers ``{"forward": [ms...], "backward": [ms...], "faults":
+  [n...], "first_s": s}`` (``faults``: minor page faults of each timed
+  forward+backward call). A request ``{"fresh": true}`` times
+  :func:`_fresh_gradients` of the head output shapes the same way and answers
+  ``{"fresh": [ms...], "faults": [n...]}``.
   """
   missing = _upstream_missing() if framework == 'upstream' else None
   print(json.dumps({'ready': missing is None, 'reason': missing}), flush=True)
@@ -188,7 +203,9 @@ def worker(framework: str, args: argparse.Namespace) -> None:
         fresh = _fresh_gradients(framework, _head_shapes(args))
         fresh()
       time.sleep(_SETTLE_S)
-      print(json.dumps({'fresh': _times_ms(fresh, args.repeats)}), flush=True)
+      faults = []
+      fresh_ms = _times_ms(fresh, args.repeats, faults)
+      print(json.dumps({'fresh': fresh_ms, 'faults': faults}), flush=True)
       continue
     boxes = request['boxes']
     if cached is None or cached[0] != boxes:
@@ -204,11 +221,10 @@ def worker(framework: str, args: argparse.Namespace) -> None:
     forward_backward()
     time.sleep(_SETTLE_S)
     forward_ms = _times_ms(forward, args.repeats)
-    backward_ms = _times_ms(forward_backward, args.repeats)
-    print(
-      json.dumps({'forward': forward_ms, 'backward': backward_ms, 'first_s': first[boxes]}),
-      flush=True,
-    )
+    faults = []
+    backward_ms = _times_ms(forward_backward, args.repeats, faults)
+    answer = {'forward': forward_ms, 'backward': backward_ms, 'faults': faults}
+    print(json.dumps({**answer, 'first_s': first[boxes]}), flush=True)
 
 
 def memory_worker(args: argparse.Namespace) -> None:
@@ -316,6 +332,11 @@ def _alternate(workers: list[_Worker], rounds: int, **request) -> dict[str, list
   return answers
 
 
+def _faults(answers: list[dict]) -> str:
+  """Median minor page faults per call over all of a side's timed calls, in thousands."""
+  return f'{statistics.median(n for a in answers for n in a["faults"]) / 1e3:.1f}k'
+
+
 def _print_fresh(workers: list[_Worker], rounds: int, upstream_backward: dict[int, float]) -> None:
   """Times writing the head gradients into fresh memory on each side and prints what it bounds.
 
@@ -326,9 +347,10 @@ def _print_fresh(workers: list[_Worker], rounds: int, upstream_backward: dict[in
   answers = _alternate(workers, rounds, fresh=True)
   bests = {side: [min(a['fresh']) for a in answers[side]] for side in answers}
   ours = min(bests['ours'])
-  text = f'ours {ours:.1f} ms {_spread(bests["ours"])}'
+  text = f'ours {ours:.1f} ms {_spread(bests["ours"])} ({_faults(answers["ours"])} page faults)'
   if bests['upstream']:
-    text = f'upstream {min(bests["upstream"]):.1f} ms {_spread(bests["upstream"])}, ' + text
+    upstream = f'{min(bests["upstream"]):.1f} ms {_spread(bests["upstream"])}'
+    text = f'upstream {upstream} ({_faults(answers["upstream"])} page faults), ' + text
   print(f'writing the head gradients into fresh memory: {text}')
   for boxes, upstream_ms in upstream_backward.items():
     print(
@@ -385,7 +407,11 @@ def main(argv: list[str] | None = None) -> None:
           line = f'{"n/a":>8} {"n/a":>22} {ours_text} {"n/a":>6} {"n/a":>18}'
         print(f'{boxes:>9}  {label:<8} {line}', flush=True)
       first = results['ours'][0]['first_s']
+      faults = f'ours {_faults(results["ours"])}'
+      if upstream.ready:
+        faults = f'upstream {_faults(results["upstream"])}, {faults}'
       print(f'{"":>9}  (our first calls, compiling both: {first:.1f} s)', flush=True)
+      print(f'{"":>9}  (minor page faults per fwd+bwd call, median: {faults})', flush=True)
     _print_fresh(workers, args.rounds, upstream_backward)
   finally:
     for w in workers:

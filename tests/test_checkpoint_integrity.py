@@ -9,6 +9,7 @@ the step (and the leaf, for data that still decodes), and that
 from __future__ import annotations
 
 import os
+import re
 import shutil
 
 import jax
@@ -86,7 +87,11 @@ def test_flipped_bytes_are_refused_and_resume_falls_back(run_dir):
   with pytest.raises(integrity.CheckpointError, match='step 2') as error:
     _restore_step(run_dir, 2)
   assert error.value.step == 2
-  assert "is damaged: state['opt_state']['momentum_buffer'] does not match" in str(error.value)
+  # Which array's bytes sit at that offset depends on the order of orbax's concurrent writes
+  # into its data files; the message names the damaged one.
+  damaged = re.search(r'is damaged: state(\[.*?\]) does not match the digest', str(error.value))
+  assert damaged is not None, str(error.value)
+  assert damaged.group(1) in {"['opt_state']['momentum_buffer']", "['params']['conv']['kernel']"}
 
   with checkpoint.Checkpoints(run_dir, save_every=1, read_only=True) as reader:
     restored = reader.restore_latest(like=LIKE)
