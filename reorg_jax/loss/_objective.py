@@ -216,8 +216,8 @@ def _group_terms_and_gradients(
 
   Only the box and objectness derivatives are taken here, by entry; the class
   derivative is a function of the logits, the positive flag and the class
-  (:func:`_class_gradient`), so the backward pass computes it at the cells
-  and no ``[G, K, F]`` array leaves the branch.
+  (:func:`reorg_jax.loss._bce.class_gradient`), so the backward pass computes
+  it at the cells and no ``[G, K, F]`` array leaves the branch.
   """
   heads, slots, targets = _group_heads(
     outputs, slots, targets, layout, image_hw, images=images, capacity=capacity
@@ -267,7 +267,7 @@ def _dense_objectness(outputs, layout: SlotLayout) -> tuple[jax.Array, list[jax.
   """Each head's ``sum_l balance_l * mean softplus(objectness)``, in column 1 of a ``[2, 3]``.
 
   Also returns ``sigmoid(objectness)`` of each output (``[B, A, H_l, W_l]``),
-  its derivative, so that the backward pass does not read the outputs again.
+  its derivative, for the backward pass's dense objectness gradient.
   """
   levels = layout.config.num_levels
   weights = layout.objectness_weight(outputs[0].shape[0])
