@@ -38,7 +38,9 @@ def _trace(outputs, targets, config, image_hw=HW):
 def test_matching_inputs_trace():
   config, targets, outputs = _scene(batch=2, num_classes=3)
   loss, parts = _trace(outputs, targets, config)
-  assert loss.shape == () and set(parts) == {'box', 'obj', 'cls', 'total'}
+  losses, statistics = {'box', 'obj', 'cls', 'total'}, {'lead_positives', 'aux_positives'}
+  assert loss.shape == () and set(parts) == losses | statistics
+  assert all(parts[key].shape == () and parts[key].dtype == jnp.float32 for key in parts)
   assert targets.num_classes == 3
 
 

@@ -319,26 +319,39 @@ def _weighted(terms: list[jax.Array], outputs, layout: SlotLayout):
   return jnp.sum(weights * sums, axis=-1), weights
 
 
+def _positive_counts(terms: list[jax.Array]) -> jax.Array:
+  """``[2]`` float32 positives of the batch, (lead, auxiliary), from the groups' ``[2, 4, L]`` sums."""
+  return jnp.sum(jnp.stack(terms)[:, :, _TERMS.index('positives')], axis=(0, 2))
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _loss_parts(outputs, slots, targets, layout, image_hw):
-  """``[2, 3]``: (lead, aux) x (box, objectness, class), before gains and head weights."""
+def _loss_parts_and_positives(outputs, slots, targets, layout, image_hw):
+  """``([2, 3], [2])``: the :func:`_loss_parts` and the heads' positive counts.
+
+  The counts are the SimOTA positives the loss sums over (lead head: fine
+  assignment, auxiliary head: coarse), taken from the same assignment; they
+  have no gradient (their cotangent is ignored).
+  """
   terms = _capacity_switch(_group_terms, outputs, slots, targets, layout, image_hw)
   sparse, _ = _weighted(terms, outputs, layout)
   dense, _ = _dense_objectness(outputs, layout)
-  return sparse + dense
+  return sparse + dense, _positive_counts(terms)
 
 
 def _loss_parts_forward(outputs, slots, targets, layout, image_hw):
   groups = _capacity_switch(_group_terms_and_gradients, outputs, slots, targets, layout, image_hw)
-  sparse, weights = _weighted([terms for terms, _ in groups], outputs, layout)
+  terms = [terms for terms, _ in groups]
+  sparse, weights = _weighted(terms, outputs, layout)
   dense, sigmoids = _dense_objectness(outputs, layout)
   entries = jax.tree.map(lambda *x: jnp.concatenate(x, axis=0), *[group for _, group in groups])
-  return sparse + dense, (outputs, sigmoids, slots, entries, weights)
+  primal = (sparse + dense, _positive_counts(terms))
+  return primal, (outputs, sigmoids, slots, entries, weights)
 
 
-def _loss_parts_backward(layout, image_hw, residuals, cotangent):
+def _loss_parts_backward(layout, image_hw, residuals, cotangents):
   """Each output's gradient written once: objectness everywhere, the rest at the entries' cells."""
   del image_hw
+  cotangent, _ = cotangents  # the positive counts have no gradient
   outputs, sigmoids, slots, entries, weights = residuals
   config = layout.config
   levels = config.num_levels
@@ -376,7 +389,13 @@ def _loss_parts_backward(layout, image_hw, residuals, cotangent):
   return tuple(result), None, None
 
 
-_loss_parts.defvjp(_loss_parts_forward, _loss_parts_backward)
+_loss_parts_and_positives.defvjp(_loss_parts_forward, _loss_parts_backward)
+
+
+def _loss_parts(outputs, slots, targets, layout, image_hw):
+  """``[2, 3]``: (lead, aux) x (box, objectness, class), before gains and head weights."""
+  parts, _ = _loss_parts_and_positives(outputs, slots, targets, layout, image_hw)
+  return parts
 
 
 def _check_targets(targets: Targets, *, batch: int, config: LossConfig) -> None:
@@ -417,7 +436,13 @@ def aux_ota_loss(
   Returns:
     ``(loss, parts)``: ``loss = (box + obj + cls) * B`` and ``parts`` with
     scalar ``box``, ``obj``, ``cls`` (after gains) and ``total`` (their sum,
-    before the batch factor), like upstream's returned loss items.
+    before the batch factor), like upstream's returned loss items, and two
+    assignment statistics of the batch, float32, without gradient:
+    ``lead_positives`` and ``aux_positives``, the mean number per image of
+    the lead head's (fine) and the auxiliary head's (coarse) SimOTA
+    positives the loss trains on (the ``positive`` entries of
+    :func:`reorg_jax.assign` with ``coarse=False`` and ``coarse=True``),
+    taken from the loss's own assignment.
 
   Raises:
     ValueError: at trace time, naming both sides, when the outputs and
@@ -444,7 +469,9 @@ def aux_ota_loss(
   targets = jax.lax.stop_gradient(targets)
   layout = SlotLayout(config, grids, targets.max_boxes)
   slots = _packed.head_slots(targets, layout)
-  parts = _loss_parts(tuple(lead + aux), slots, targets, layout, tuple(image_hw))
+  parts, positives = _loss_parts_and_positives(
+    tuple(lead + aux), slots, targets, layout, tuple(image_hw)
+  )
   weights = jnp.asarray([1.0, config.aux_weight], jnp.float32)
   box, obj, cls = jnp.sum(parts * weights[:, None], axis=0)
   box, obj, cls = box * config.box, obj * config.obj, cls * config.cls
@@ -453,5 +480,14 @@ def aux_ota_loss(
   classes = targets.classes
   foreign = jnp.any(targets.valid & ((classes < 0) | (classes >= config.num_classes)))
   total = jnp.where(foreign, jnp.nan, total)
-  loss = total * lead[0].shape[0]
-  return loss, {'box': box, 'obj': obj, 'cls': cls, 'total': total}
+  batch = lead[0].shape[0]
+  loss = total * batch
+  lead_positives, aux_positives = jax.lax.stop_gradient(positives) / batch
+  return loss, {
+    'box': box,
+    'obj': obj,
+    'cls': cls,
+    'total': total,
+    'lead_positives': lead_positives,
+    'aux_positives': aux_positives,
+  }

@@ -13,6 +13,14 @@ whose loss or gradient is not finite changes nothing and says so in its
 metrics; :func:`check_finite` turns that into an error naming the step,
 before anything is saved.
 
+Freezing (upstream's ``--freeze N``): ``create_train_state(...,
+frozen_layers=N)`` keeps the parameters of layers ``0 .. N-1``
+(:func:`reorg_jax.training.sgd.frozen_mask`) exactly as they are: the step
+takes no gradient for them, the optimiser skips them (no update, no weight
+decay, no momentum) and their EMA stays put. Their BatchNorm statistics still
+follow the batches, as upstream's do in training mode. :func:`num_layers`
+gives the largest ``N``.
+
 Data parallelism: :func:`data_parallel` places a batch on a
 ``jax.sharding.Mesh`` along its ``'data'`` axis and the state replicated;
 the same jitted step then runs on one device or many, the loss being the
@@ -47,6 +55,7 @@ __all__ = [
   'create_train_state',
   'data_parallel',
   'jit_train_step',
+  'num_layers',
   'place',
   'process_shard',
   'shard_batch',
@@ -98,6 +107,8 @@ class TrainSetup:
     recipe: EMA constants.
     compute_dtype: dtype of the forward pass (``jnp.bfloat16`` runs the
       network in bfloat16 with float32 parameters; the loss is float32).
+    frozen_layers: upstream's ``--freeze N``: the parameters of layers
+      ``0 .. N-1`` stay as they are (the optimiser was built with the same ``N``).
   """
 
   model: YOLO = flax.struct.field(pytree_node=False)
@@ -106,6 +117,16 @@ class TrainSetup:
   image_hw: tuple[int, int] = flax.struct.field(pytree_node=False)
   recipe: optim.RecipeConfig = flax.struct.field(pytree_node=False)
   compute_dtype: Any = flax.struct.field(pytree_node=False)
+  frozen_layers: int = flax.struct.field(pytree_node=False, default=0)
+
+
+def num_layers(model: YOLO) -> int:
+  """Layers of ``model`` (``model_0 .. model_{n-1}``, upstream's ``model.0 .. model.{n-1}``).
+
+  The largest ``frozen_layers`` :func:`create_train_state` accepts; it equals
+  :func:`reorg_jax.training.sgd.layer_count` of the model's parameters.
+  """
+  return len(model.specs)
 
 
 def create_train_state(
@@ -117,6 +138,7 @@ def create_train_state(
   loss_config: LossConfig,
   compute_dtype: Any = jnp.float32,
   variables: Mapping[str, Any] | None = None,
+  frozen_layers: int = 0,
 ) -> tuple[TrainSetup, TrainState]:
   """Initialises (or takes) the variables and builds optimiser, EMA and setup.
 
@@ -130,12 +152,26 @@ def create_train_state(
     compute_dtype: forward-pass dtype.
     variables: start from these ``{'params', 'batch_stats'}`` (e.g. imported
       upstream weights) instead of a fresh initialisation.
+    frozen_layers: upstream's ``--freeze N``: layers ``0 .. N-1`` are not
+      trained (see the module docstring); at most :func:`num_layers`.
+
+  Raises:
+    ValueError: ``frozen_layers`` is negative or exceeds the model's layers
+      (the message names both numbers).
   """
+  count = num_layers(setup_model)
+  if not 0 <= frozen_layers <= count:
+    raise ValueError(
+      f'cannot freeze the first {frozen_layers} layers: the model has {count} layers '
+      f'(frozen_layers must lie in [0, {count}])'
+    )
   if variables is None:
     dummy = jnp.zeros((1, image_size, image_size, setup_model.in_channels), jnp.float32)
     variables = jax.jit(functools.partial(setup_model.init, train=False))(rng, dummy)
   params, batch_stats = variables['params'], variables.get('batch_stats', {})
-  optimizer = sgd.recipe_optimizer(sgd.param_labels(params), schedule=schedule)
+  optimizer = sgd.recipe_optimizer(
+    sgd.param_labels(params), schedule=schedule, frozen_layers=frozen_layers
+  )
   state = TrainState(
     step=jnp.asarray(0, jnp.int32),
     params=params,
@@ -150,6 +186,7 @@ def create_train_state(
     image_hw=(image_size, image_size),
     recipe=schedule.recipe,
     compute_dtype=compute_dtype,
+    frozen_layers=frozen_layers,
   )
   return setup, state
 
@@ -169,18 +206,32 @@ def apply_update(
 ) -> tuple[TrainState, jax.Array]:
   """One micro-batch of the recipe optimiser and, if it stepped, the EMA update.
 
+  The EMA of a frozen parameter (``setup.frozen_layers``) is the EMA of a
+  constant: where it already equals the parameter it is kept as it is (the
+  update ``d * ema + (1 - d) * p`` would move it by rounding), elsewhere it
+  is updated as any other leaf.
+
   Returns the advanced state and a ``[]`` bool telling whether the weights changed.
   """
   params, opt_state, stepped = setup.optimizer.update(
     grads, state.opt_state, state.params, hparams=hparams
   )
   model_vars = {'params': params, 'batch_stats': batch_stats}
-  ema = jax.lax.cond(
-    stepped,
-    lambda e: ema_lib.ema_update(e, model_vars, updates=opt_state.num_updates, recipe=setup.recipe),
-    lambda e: e,
-    state.ema,
-  )
+
+  def update_ema(ema: Any) -> Any:
+    new = ema_lib.ema_update(ema, model_vars, updates=opt_state.num_updates, recipe=setup.recipe)
+    if not setup.frozen_layers:
+      return new
+    kept = jax.tree.map(
+      lambda frozen, old, average, p: jnp.where(old == p, old, average) if frozen else average,
+      sgd.frozen_mask(params, setup.frozen_layers),
+      ema['params'],
+      new['params'],
+      params,
+    )
+    return type(new)({**new, 'params': kept})
+
+  ema = jax.lax.cond(stepped, update_ema, lambda e: e, state.ema)
   new_state = TrainState(
     step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state, ema=ema
   )
@@ -211,17 +262,24 @@ def train_step(
 
   Returns:
     The new state and scalar metrics: ``loss`` (upstream's batch-sum loss),
-    the parts ``loss_fn`` returns (``box``/``obj``/``cls``/``total``), ``stepped`` (the optimiser
-    updated the weights) and ``finite`` (loss and gradient were finite; if
-    not, the returned state is the old one with only ``step`` advanced).
+    the parts ``loss_fn`` returns (``box``/``obj``/``cls``/``total``; the
+    default's ``lead_positives`` and ``aux_positives``, the mean number of
+    the lead and auxiliary heads' SimOTA positives per image of the batch),
+    ``boxes_per_image`` (float32, the mean number of valid targets per image
+    of the batch), ``stepped`` (the optimiser updated the weights) and
+    ``finite`` (loss and gradient were finite; if not, the returned state is
+    the old one with only ``step`` advanced).
   """
   images = batch['images']
   if jnp.issubdtype(images.dtype, jnp.integer):
     images = unit_images(images)
   targets: Targets = batch['targets']
   hparams: optim.HyperParams = batch['hparams']
+  frozen = sgd.frozen_mask(state.params, setup.frozen_layers) if setup.frozen_layers else None
 
   def objective(params):
+    if frozen is not None:  # no gradient for frozen layers (torch's requires_grad=False)
+      params = jax.tree.map(lambda skip, p: jax.lax.stop_gradient(p) if skip else p, frozen, params)
     cast = jax.tree.map(lambda p: p.astype(setup.compute_dtype), params)
     outputs, updates = setup.model.apply(
       {'params': cast, 'batch_stats': state.batch_stats},
@@ -241,7 +299,14 @@ def train_step(
   )
   kept = state.replace(step=state.step + 1)
   new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated, kept)
-  metrics = {'loss': loss, **parts, 'stepped': stepped & finite, 'finite': finite}
+  boxes_per_image = jnp.mean(jnp.sum(targets.valid, axis=1, dtype=jnp.float32))
+  metrics = {
+    'loss': loss,
+    **parts,
+    'boxes_per_image': boxes_per_image,
+    'stepped': stepped & finite,
+    'finite': finite,
+  }
   return new_state, metrics
 
 
