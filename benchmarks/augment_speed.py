@@ -79,10 +79,11 @@ def _ours(root: pathlib.Path, args) -> dict[str, float]:
 
 
 def _upstream(root: pathlib.Path, args) -> dict[str, float]:
-  sys.path.insert(0, str(_TESTS))
   import random
 
-  import oracle  # the torchvision stand-in, and the label scan's progress bar
+  from reorg_jax.reference import oracle  # the torchvision stand-in, the label scan's progress
+
+  # isort: split
   from sas_yolov7.utils import datasets as reference
 
   reference.zip = oracle.LabelScanProgress

@@ -32,9 +32,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-import reorg_jax
 from reorg_jax.models import yolo
-from reorg_jax.training import checkpoint, integrity, optim
+from reorg_jax.training import assembly, checkpoint, integrity, optim
 from reorg_jax.training import step as train_lib
 
 
@@ -55,20 +54,9 @@ def w6_state(*, image_size: int = 256) -> train_lib.TrainState:
     lambda s: jnp.asarray(rng.standard_normal(s.shape, np.float32).astype(s.dtype)), shapes
   )
   schedule = optim.Schedule(epochs=1, batch_size=16, steps_per_epoch=100)
-  loss_config = reorg_jax.LossConfig(
-    num_classes=80,
-    anchors=model.anchors,
-    strides=model.strides,
-    balance=reorg_jax.loss.upstream_balance(len(model.strides)),
-  )
-  _, state = train_lib.create_train_state(
-    model,
-    rng=jax.random.key(0),
-    image_size=image_size,
-    schedule=schedule,
-    loss_config=loss_config,
-    variables=variables,
-  )
+  state = assembly.assemble(
+    model, image_size=image_size, schedule=schedule, variables=variables
+  ).state
   return jax.block_until_ready(state)
 
 

@@ -126,10 +126,8 @@ def _ours_setup(case: Case, *, smoke: bool):
   import jax
   import jax.numpy as jnp
 
-  import reorg_jax
   from reorg_jax.models import yolo
-  from reorg_jax.training import optim
-  from reorg_jax.training import step as train_lib
+  from reorg_jax.training import assembly, optim
 
   if case.model == 'w6':
     model = yolo.build_model(_w6_path(), num_classes=case.num_classes)
@@ -137,26 +135,16 @@ def _ours_setup(case: Case, *, smoke: bool):
     model = yolo.p6_nano(num_classes=case.num_classes)
   # The smoke run compiles the simplest capacity ladder (a speed setting only).
   speed = {'capacity_fractions': (), 'batch_groups': 1} if smoke else {}
-  loss_config = optim.scaled_loss_gains(
-    reorg_jax.LossConfig(
-      num_classes=case.num_classes,
-      anchors=model.anchors,
-      strides=model.strides,
-      balance=reorg_jax.loss.upstream_balance(len(model.strides)),
-      **speed,
-    ),
-    image_size=case.image_size,
-  )
   schedule = optim.Schedule(epochs=1, batch_size=case.batch_size, steps_per_epoch=1000)
-  setup, state = train_lib.create_train_state(
+  run = assembly.assemble(
     model,
-    rng=jax.random.key(0),
     image_size=case.image_size,
     schedule=schedule,
-    loss_config=loss_config,
+    gains=speed,
+    rng=jax.random.key(0),
     compute_dtype=jnp.dtype(case.dtype),
   )
-  return setup, state, schedule
+  return run.setup, run.state, schedule
 
 
 def _ours_batch(case: Case, schedule: Any, *, boxes: int) -> dict[str, Any]:
@@ -237,11 +225,10 @@ def measure_upstream(case: Case, *, boxes: int, repeats: int) -> dict:
   """Times upstream's training step for ``case`` (AMP on CUDA); one result row."""
   import math
 
-  sys.path[:0] = [str(_TESTS), str(_ROOT / 'benchmarks')]
   try:
     import torchvision  # noqa: F401  (the real one, where installed)
   except ImportError:
-    import oracle  # noqa: F401  (registers the stand-in the reference imports)
+    from reorg_jax.reference import oracle  # noqa: F401  (registers the stand-in the reference imports)
   import sas_yolov7
   import torch
   import upstream_train_aux
@@ -255,7 +242,7 @@ def measure_upstream(case: Case, *, boxes: int, repeats: int) -> dict:
   if cuda:
     from sas_yolov7.utils import loss as reference  # its 'cuda:0' tensors are right here
   else:
-    import oracle
+    from reorg_jax.reference import oracle
 
     reference = oracle.reference_loss_module()
   raw = yolo.load_config(_w6_path() if case.model == 'w6' else yolo.NANO_CONFIG)

@@ -83,12 +83,14 @@ def _ours(root: pathlib.Path, size: int, workers: int, args: argparse.Namespace)
 
 def _upstream(root: pathlib.Path, size: int, args: argparse.Namespace) -> float:
   """Samples/s of ``LoadImagesAndLabels.__getitem__`` on one core (best of the repeats)."""
-  sys.path.insert(0, str(_TESTS))
   import random
 
   import cv2
-  import oracle  # the torchvision stand-in, and the label scan's progress bar
   import torch
+
+  from reorg_jax.reference import oracle  # the torchvision stand-in, the label scan's progress
+
+  # isort: split
   from sas_yolov7.utils import datasets as reference
 
   cv2.setNumThreads(1)

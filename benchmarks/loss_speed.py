@@ -117,9 +117,9 @@ def _ours(config, hw, targets, outputs):
 
 def _upstream(config, hw, targets, outputs):
   """The same for upstream, on the label rows of ``targets``."""
-  sys.path.insert(0, str(_TESTS))
-  import oracle
   import torch
+
+  from reorg_jax.reference import oracle
 
   reference = oracle.reference_loss(config)
   rows = torch.from_numpy(targets.to_yolo())
@@ -140,9 +140,8 @@ def _upstream(config, hw, targets, outputs):
 
 def _upstream_missing() -> str | None:
   """Why upstream cannot run here, or None."""
-  sys.path.insert(0, str(_TESTS))
   try:
-    import oracle
+    from reorg_jax.reference import oracle
 
     oracle.reference_loss_module()
   except ImportError as error:

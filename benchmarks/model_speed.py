@@ -22,8 +22,8 @@ import optax
 
 import reorg_jax
 from reorg_jax import testing
-from reorg_jax.loss import LossConfig, upstream_balance
 from reorg_jax.models import inference, yolo
+from reorg_jax.training import assembly
 
 
 def _timed(fn, *args, repeats: int) -> tuple[float, float]:
@@ -67,12 +67,7 @@ def main() -> None:
   print(f'parameters {count:,}')
   print(f'init          first call {first:7.2f} s')
 
-  loss_config = LossConfig(
-    num_classes=model.num_classes,
-    anchors=model.anchors,
-    strides=model.strides,
-    balance=upstream_balance(len(model.strides)),
-  )
+  loss_config = assembly.loss_config(model, image_size=args.size, scaled=False)
   labels = testing.random_labels(
     np.random.default_rng(0),
     boxes_per_image=[args.boxes] * args.batch,

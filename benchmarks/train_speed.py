@@ -60,7 +60,7 @@ from reorg_jax.data import dataset, loader, synthetic
 from reorg_jax.loss import LossConfig
 from reorg_jax.models import yolo
 from reorg_jax.targets import Targets
-from reorg_jax.training import optim
+from reorg_jax.training import assembly, optim
 from reorg_jax.training import step as train_lib
 
 
@@ -112,24 +112,10 @@ def benchmark(
   )
   sample = feed.batch(0, 0)
   schedule = optim.Schedule(epochs=1, batch_size=batch_size, steps_per_epoch=1000)
-  loss_config = optim.scaled_loss_gains(
-    reorg_jax.LossConfig(
-      num_classes=data.num_classes,
-      anchors=model.anchors,
-      strides=model.strides,
-      balance=reorg_jax.loss.upstream_balance(len(model.strides)),
-    ),
-    image_size=image_size,
-  )
   results = {}
   for name, loss_fn in (('full', reorg_jax.aux_ota_loss), ('no_loss', trivial_loss)):
-    setup, state = train_lib.create_train_state(
-      model,
-      rng=jax.random.key(0),
-      image_size=image_size,
-      schedule=schedule,
-      loss_config=loss_config,
-    )
+    run = assembly.assemble(model, image_size=image_size, schedule=schedule)
+    setup, state, loss_config = run.setup, run.state, run.loss_config
     batch = {
       'images': jnp.asarray(sample.images),
       'targets': jax.tree.map(jnp.asarray, sample.targets),

@@ -11,7 +11,7 @@ optimiser recipe and the EMA:
 * **Batches.** Both sides read :class:`reorg_jax.data.loader.BatchLoader` with the
   run's seed and augmentation: every batch is a pure function of
   ``(seed, epoch, step)``, so the two processes build identical batches.
-* **Ours** is ``python -m train`` itself (:func:`train.loop.run`) with the
+* **Ours** is ``python -m train`` itself (:func:`reorg_jax.program.loop.run`) with the
   resolved configuration: its ``steps.csv`` and ``results.csv`` are the
   demo's.
 * **Upstream** is the reference package's ``Model``, ``ComputeLossAuxOTA``
@@ -83,6 +83,8 @@ from typing import Any
 
 import numpy as np
 
+from reorg_jax.program.sections import RunConfig
+
 _ROOT = pathlib.Path(__file__).resolve().parents[1]
 _TESTS = _ROOT / 'tests'
 DIVERGENCE = 1e-3  # Relative difference of the total loss that counts as diverged.
@@ -94,7 +96,9 @@ SIDES = ('ours', 'upstream', 'perturbed')
 
 def add_run_options(parser: argparse.ArgumentParser) -> None:
   """``--config``, ``--epochs``, ``--seed`` and ``--data``: the run both sides train."""
-  parser.add_argument('--config', help='override YAML (default: train/configs/default.yaml)')
+  parser.add_argument(
+    '--config', help='override YAML (default: reorg_jax/program/configs/default.yaml)'
+  )
   parser.add_argument('--epochs', type=int, help='train.epochs')
   parser.add_argument('--seed', type=int, help='seed (weights, data order, augmentation)')
   parser.add_argument('--data', help='dataset YAML (default: the synthetic dataset)')
@@ -118,9 +122,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 # --- The run's configuration and starting point, shared by both workers ---------------------
 
 
-def resolve_config(
-  args: argparse.Namespace, out: pathlib.Path, *, reused: list[str]
-) -> dict[str, Any]:
+def resolve_config(args: argparse.Namespace, out: pathlib.Path, *, reused: list[str]) -> RunConfig:
   """The checked configuration of the run, its dataset written, saved as ``out/config.yaml``.
 
   A side in ``reused`` may have stopped at another ``train.max_steps``: the
@@ -131,8 +133,8 @@ def resolve_config(
       other step rule), or a side in ``reused`` (read from ``out``, not
       rerun) was trained with other options (each differing key is named).
   """
-  from train import config as config_lib
-  from train.pieces import dataset_yaml
+  from reorg_jax.program import config as config_lib
+  from reorg_jax.program.pieces import dataset_yaml
 
   overrides = {
     'seed': args.seed,
@@ -142,22 +144,23 @@ def resolve_config(
     'log.progress': False,
   }
   config = config_lib.load(config_path=args.config, overrides=overrides)
-  if config['model']['compute_dtype'] != 'float32':
+  if config.model.compute_dtype != 'float32':
     raise SystemExit(
-      f'model.compute_dtype = {config["model"]["compute_dtype"]}: the comparison trains both '
+      f'model.compute_dtype = {config.model.compute_dtype}: the comparison trains both '
       'sides in float32 (upstream on CPU has no mixed precision); set it to float32'
     )
-  if config['recipe']['step_since_last']:
+  if config.recipe.step_since_last:
     raise SystemExit(
       "recipe.step_since_last = true is not train_aux.py's step rule (ni % accumulate == 0); "
       'set it to false to compare with upstream'
     )
   out.mkdir(parents=True, exist_ok=True)
-  config['data']['yaml'] = str(dataset_yaml(config, workdir=out).resolve())
+  overrides['data.yaml'] = str(dataset_yaml(config, workdir=out).resolve())
+  config = config_lib.load(config_path=args.config, overrides=overrides)
   saved = out / 'config.yaml'
   if reused and saved.is_file():
     before = config_lib.flatten(config_lib.read_yaml(saved))
-    now = config_lib.flatten(config)
+    now = config_lib.flatten(config.options)
     changed = [
       f'{k}: {before.get(k)!r} -> {now.get(k)!r}'
       for k in now
@@ -169,7 +172,7 @@ def resolve_config(
         + '; '.join(changed)
         + '); rerun it (--sides ours,upstream) or choose another --out'
       )
-  config_lib.dump(config, saved)
+  config_lib.dump(config.options, saved)
   return config
 
 
@@ -177,7 +180,7 @@ def initial_state_dict(pieces: Any) -> dict[str, np.ndarray]:
   """The starting weights of ``python -m train``, in upstream's names.
 
   Args:
-    pieces: the run's :func:`train.loop.setup`.
+    pieces: the run's :func:`reorg_jax.program.loop.setup`.
   """
   from reorg_jax.models import convert
 
@@ -221,7 +224,7 @@ def run_ours(config: dict[str, Any], side: pathlib.Path) -> None:
   import shutil
 
   from reorg_jax.models import convert
-  from train import loop
+  from reorg_jax.program import loop
 
   shutil.rmtree(side, ignore_errors=True)
   started = time.perf_counter()
@@ -241,13 +244,13 @@ def run_upstream(config: dict[str, Any], side: pathlib.Path, *, perturb: bool = 
   """Upstream's loop; ``perturb``: from :func:`one_rounding_away` of the shared start."""
   import upstream_train_aux
 
-  from train import loop
+  from reorg_jax.program import loop
 
-  pieces = loop.setup(config, data_path=pathlib.Path(config['data']['yaml']))
+  pieces = loop.setup(config, data_path=pathlib.Path(config.data.yaml))
   try:
     start = initial_state_dict(pieces)
     if perturb:
-      start = one_rounding_away(start, seed=config['seed'])
+      start = one_rounding_away(start, seed=config.seed)
     np.savez(side / 'initial.npz', **start)
     result = upstream_train_aux.train(
       config,
@@ -280,7 +283,7 @@ def compare(
   *,
   sides: tuple[str, str] = ('ours', 'upstream'),
   into: pathlib.Path | None = None,
-) -> dict[str, Any]:
+) -> RunConfig:
   """Writes the joined tables and the figure of two sides; returns their agreement figures.
 
   Args:
@@ -430,19 +433,15 @@ def agreement_line(
   )
 
 
-def worker_config(out: pathlib.Path) -> dict[str, Any]:
-  """In a worker process: the run's saved configuration, with the oracle's helpers
-  (``tests/``) and these scripts importable."""
-  from train import config as config_lib
+def worker_config(out: pathlib.Path) -> RunConfig:
+  """In a worker process: the run's saved configuration."""
+  from reorg_jax.program import config as config_lib
 
-  sys.path[:0] = [str(_TESTS), str(pathlib.Path(__file__).resolve().parent)]
   return config_lib.load(config_path=out / 'config.yaml', overrides=None)
 
 
 def main(argv: list[str] | None = None) -> int:
   args = parse_args(argv)
-  if str(_ROOT) not in sys.path:  # the training program (`train`) is not an installed package
-    sys.path.insert(0, str(_ROOT))
   out = pathlib.Path(args.out).resolve()
   if args.worker is not None:
     config = worker_config(out)
@@ -464,7 +463,6 @@ def main(argv: list[str] | None = None) -> int:
   resolve_config(args, out, reused=kept)
   env = {
     **os.environ,
-    'PYTHONPATH': os.pathsep.join([str(_ROOT), os.environ.get('PYTHONPATH', '')]),
   }
   for side in sides:
     print(f'running {side} ...', flush=True)

@@ -24,7 +24,7 @@ from the *same* trained state:
    yardstick for float32 rounding: two float32 implementations that sum in
    other orders differ from each other by about as much as each differs from
    float64.
-5. **Ours**: :func:`train.loop.setup`'s jitted step on a
+5. **Ours**: :func:`reorg_jax.program.loop.setup`'s jitted step on a
    :class:`~reorg_jax.training.step.TrainState` imported from the same state
    (:func:`state_from_snapshot`), for the same iterations and batches
    (``ours/``).
@@ -71,6 +71,8 @@ import warnings
 from typing import Any
 
 import numpy as np
+
+from reorg_jax.program.sections import RunConfig
 
 _HERE = pathlib.Path(__file__).resolve().parent
 _ROOT = _HERE.parent
@@ -122,14 +124,14 @@ def _save_side(side: pathlib.Path, steps: list[dict[str, float]], raw: Any, ema:
   )
 
 
-def run_upstream(config: dict[str, Any], out: pathlib.Path, *, at: int, steps: int) -> None:
+def run_upstream(config: RunConfig, out: pathlib.Path, *, at: int, steps: int) -> None:
   """Sides (1) to (4); writes ``snapshot.npz`` and their folders."""
   import upstream_train_aux
 
-  from train import loop
+  from reorg_jax.program import loop
 
   harness = _harness()
-  pieces = loop.setup(config, data_path=pathlib.Path(config['data']['yaml']))
+  pieces = loop.setup(config, data_path=pathlib.Path(config.data.yaml))
   common = {
     'feed': pieces.feed,
     'val_feed': pieces.val_feed,
@@ -145,7 +147,7 @@ def run_upstream(config: dict[str, Any], out: pathlib.Path, *, at: int, steps: i
     state = whole.snapshot
     np.savez(out / 'snapshot.npz', **state)
     moved = harness.one_rounding_away(
-      {k: v for k, v in state.items() if k.startswith('model/')}, seed=config['seed']
+      {k: v for k, v in state.items() if k.startswith('model/')}, seed=config.seed
     )
     (out / 'perturbed').mkdir(parents=True, exist_ok=True)
     np.savez(out / 'perturbed' / 'start.npz', **moved)
@@ -178,7 +180,7 @@ def state_from_snapshot(pieces: Any, state: dict[str, np.ndarray]) -> Any:
   comparison) reads.
 
   Args:
-    pieces: the run's :func:`train.loop.setup`.
+    pieces: the run's :func:`reorg_jax.program.loop.setup`.
     state: :func:`upstream_train_aux.snapshot` arrays.
   """
   import jax.numpy as jnp
@@ -214,7 +216,7 @@ def state_from_snapshot(pieces: Any, state: dict[str, np.ndarray]) -> Any:
 
 
 def run_ours(
-  config: dict[str, Any], out: pathlib.Path, *, at: int, steps: int, float64: bool = False
+  config: RunConfig, out: pathlib.Path, *, at: int, steps: int, float64: bool = False
 ) -> None:
   """Side (5), or (6) with ``float64``: our step from ``snapshot.npz``; writes ``ours[64]/``."""
   import jax
@@ -226,11 +228,11 @@ def run_ours(
   import jax.numpy as jnp
 
   from reorg_jax.models import convert
+  from reorg_jax.program import loop
   from reorg_jax.training import optim
   from reorg_jax.training import step as train_lib
-  from train import loop
 
-  pieces = loop.setup(config, data_path=pathlib.Path(config['data']['yaml']))
+  pieces = loop.setup(config, data_path=pathlib.Path(config.data.yaml))
   try:
     state = state_from_snapshot(pieces, dict(np.load(out / 'snapshot.npz')))
     step_fn = pieces.step_fn
@@ -402,8 +404,6 @@ def summary_line(figures: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
   args = parse_args(argv)
-  if str(_ROOT) not in sys.path:  # the training program (`train`) is not an installed package
-    sys.path.insert(0, str(_ROOT))
   out = pathlib.Path(args.out).resolve()
   if args.worker is not None:
     config = _harness().worker_config(out)
@@ -422,15 +422,14 @@ def main(argv: list[str] | None = None) -> int:
   config = harness.resolve_config(resolved, out, reused=kept)
   if kept and not (out / 'snapshot.npz').is_file():
     raise SystemExit(f'{out} holds no snapshot to compare with; run the upstream worker first')
-  from train.pieces import load_splits
+  from reorg_jax.program.pieces import load_splits
 
-  train_data, _ = load_splits(config, pathlib.Path(config['data']['yaml']))
-  total = len(train_data) // config['train']['batch_size'] * config['train']['epochs']
+  train_data, _ = load_splits(config, pathlib.Path(config.data.yaml))
+  total = len(train_data) // config.train.batch_size * config.train.epochs
   if args.at + args.steps > total:  # the training loader drops a last partial batch
     raise SystemExit(f'--at {args.at} + --steps {args.steps} is past the run ({total} steps)')
   env = {
     **os.environ,
-    'PYTHONPATH': os.pathsep.join([str(_ROOT), os.environ.get('PYTHONPATH', '')]),
   }
   for worker in workers:
     print(f'running {worker} ...', flush=True)

@@ -50,6 +50,8 @@ from typing import Any
 
 import numpy as np
 
+from reorg_jax.program.sections import RunConfig
+
 # The auxiliary head's share of the loss, written into upstream's ComputeLossAuxOTA.
 UPSTREAM_AUX_WEIGHT = 0.25
 
@@ -86,9 +88,7 @@ class UpstreamRun:
   snapshot: dict[str, np.ndarray] | None = None
 
 
-def hyperparameters(
-  config: dict[str, Any], *, num_levels: int, num_classes: int
-) -> dict[str, float]:
+def hyperparameters(config: RunConfig, *, num_levels: int, num_classes: int) -> dict[str, float]:
   """``hyp.scratch.p6.yaml`` with the run's recipe and loss values, scaled as ``train_aux.py``.
 
   Raises:
@@ -97,11 +97,9 @@ def hyperparameters(
   import sas_yolov7
   import yaml
 
-  from train import config as config_lib
-
   path = pathlib.Path(sas_yolov7.__file__).parent / 'data' / 'hyp.scratch.p6.yaml'
   hyp = yaml.safe_load(path.read_text())
-  recipe = dataclasses.asdict(config_lib.recipe(config))
+  recipe = dataclasses.asdict(config.recipe)
   for key in (
     'lr0',
     'lrf',
@@ -112,14 +110,14 @@ def hyperparameters(
     'warmup_bias_lr',
   ):
     hyp[key] = recipe[key]
-  loss = dict(config['loss'])
+  loss = dict(config.loss)
   if loss.pop('aux_weight') != UPSTREAM_AUX_WEIGHT:
     raise ValueError(
-      f"loss.aux_weight = {config['loss']['aux_weight']}: upstream's ComputeLossAuxOTA fixes "
+      f"loss.aux_weight = {config.loss['aux_weight']}: upstream's ComputeLossAuxOTA fixes "
       f"the auxiliary head's weight at {UPSTREAM_AUX_WEIGHT}, so it cannot train this run"
     )
   hyp.update(loss)
-  size = config['train']['image_size']
+  size = config.train.image_size
   hyp['box'] *= 3.0 / num_levels
   hyp['cls'] *= num_classes / 80.0 * 3.0 / num_levels
   hyp['obj'] *= (size / 640) ** 2 * 3.0 / num_levels
@@ -134,6 +132,10 @@ def parameter_groups(model: Any) -> tuple[list, list, list]:
   same set of tensors for the P6 models.
   """
   import torch
+
+  import reorg_jax.reference  # noqa: F401  (the torchvision stand-in, before sas_yolov7)
+
+  # isort: split
   from sas_yolov7.models.common import ImplicitA, ImplicitM
 
   pg0, pg1, pg2 = [], [], []
@@ -196,12 +198,12 @@ def restore(model: Any, ema: Any, optimizer: Any, state: dict[str, np.ndarray]) 
   return int(state['step'])
 
 
-def evaluate(model: Any, val_feed: Any, *, config: dict[str, Any], num_classes: int):
+def evaluate(model: Any, val_feed: Any, *, config: RunConfig, num_classes: int):
   """COCO metrics of ``model`` (evaluation mode) through our selection and evaluator.
 
   Upstream's decoded outputs ``[B, R, F]`` (``R`` rows per image, ``F = 5 + C``)
   go through :func:`reorg_jax.models.inference.select_detections` and
-  :func:`train.evaluation.evaluate_split` with the run's ``eval`` thresholds, as
+  :func:`reorg_jax.program.evaluation.evaluate_split` with the run's ``eval`` thresholds, as
   ``python -m train`` scores its own EMA.
   """
   import jax
@@ -209,16 +211,16 @@ def evaluate(model: Any, val_feed: Any, *, config: dict[str, Any], num_classes: 
   import torch
 
   from reorg_jax.models.inference import select_detections
-  from train import evaluation
+  from reorg_jax.program import evaluation
 
-  ecfg = config['eval']
+  ecfg = config.eval
   select = jax.jit(
     lambda decoded: select_detections(
       decoded,
-      max_detections=ecfg['max_detections'],
-      max_candidates=min(ecfg['max_candidates'], decoded.shape[1]),
-      score_threshold=ecfg['score_threshold'],
-      iou_threshold=ecfg['iou_threshold'],
+      max_detections=ecfg.max_detections,
+      max_candidates=min(ecfg.max_candidates, decoded.shape[1]),
+      score_threshold=ecfg.score_threshold,
+      iou_threshold=ecfg.iou_threshold,
       class_agnostic=False,
     )
   )
@@ -231,12 +233,12 @@ def evaluate(model: Any, val_feed: Any, *, config: dict[str, Any], num_classes: 
 
   model.eval()
   return evaluation.evaluate_split(
-    detect, val_feed, num_classes=num_classes, max_detections=ecfg['max_detections']
+    detect, val_feed, num_classes=num_classes, max_detections=ecfg.max_detections
   )
 
 
 def train(
-  config: dict[str, Any],
+  config: RunConfig,
   *,
   start: dict[str, np.ndarray],
   feed: Any,
@@ -251,7 +253,7 @@ def train(
   """Trains upstream's model from ``start`` on ``feed``'s batches up to iteration ``total``.
 
   Args:
-    config: the run's resolved configuration (``train/configs/default.yaml`` keys).
+    config: the run's resolved configuration (``reorg_jax/program/configs/default.yaml`` keys).
     start: the initial state dict, loaded strictly.
     feed: the training :class:`reorg_jax.data.loader.BatchLoader`.
     val_feed: the validation loader (after each whole epoch).
@@ -272,16 +274,17 @@ def train(
     FloatingPointError: a loss was not finite (the step is named).
     ValueError: ``snapshot_at`` is not an iteration this run takes.
   """
-  import oracle  # the torchvision stand-in; the loss's 'cuda:0' redirected to the CPU
   import torch
-  from sas_yolov7.models.yolo import Model
-  from sas_yolov7.utils.torch_utils import ModelEMA
 
   from reorg_jax.data import prefetch
   from reorg_jax.models import yolo
-  from train import config as config_lib
+  from reorg_jax.reference import oracle  # the torchvision stand-in; 'cuda:0' on the CPU
 
-  name = config['model']['name']
+  # isort: split
+  from sas_yolov7.models.yolo import Model
+  from sas_yolov7.utils.torch_utils import ModelEMA
+
+  name = config.model.name
   raw = yolo.load_config(yolo.NANO_CONFIG if name == 'p6_nano' else name)
   raw['nc'] = num_classes
   torch.set_flush_denormal(True)
@@ -294,7 +297,7 @@ def train(
   model.nc, model.hyp, model.gr = num_classes, hyp, 1.0
   compute_loss = oracle.reference_loss_module().ComputeLossAuxOTA(model)
 
-  recipe = config_lib.recipe(config)
+  recipe = config.recipe
   batch_size, nb, epochs = schedule.batch_size, schedule.steps_per_epoch, schedule.epochs
   nbs = recipe.nominal_batch_size
   accumulate = max(round(nbs / batch_size), 1)
@@ -332,7 +335,7 @@ def train(
     batches = itertools.islice(
       feed.epoch(epoch, start_step=skip), min(nb, total - nb * epoch) - skip
     )
-    with prefetch.Prefetcher(batches, buffer_size=config['train']['prefetch']) as prefetched:
+    with prefetch.Prefetcher(batches, buffer_size=config.train.prefetch) as prefetched:
       for i, batch in enumerate(prefetched, start=skip):
         ni = i + nb * epoch
         if ni == snapshot_at:

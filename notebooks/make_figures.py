@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import pathlib
-import sys
 import time
 
 import figures
@@ -137,12 +136,12 @@ def assignment_figures(out: pathlib.Path) -> None:
 
 def parity_figure(out: pathlib.Path) -> None:
   """``parity_gradients.png``: gradients of ours against upstream on a parity-test scene."""
-  sys.path.insert(0, str(ROOT / 'tests'))
-  import oracle
-  import test_oracle_parity as parity
   import torch
 
-  config, hw, targets, outputs = parity.make_scene(parity.Scene(20, 2, 320, 80, 25))
+  from reorg_jax.reference import oracle
+  from reorg_jax.testing import Scene, make_scene
+
+  config, hw, targets, outputs = make_scene(Scene(20, 2, 320, 80, 25))
   reference = oracle.reference_loss(config)
   p = [torch.tensor(o, requires_grad=True) for o in outputs]
   loss, _ = reference(p, torch.from_numpy(targets.to_yolo()), torch.zeros(2, 3, *hw))

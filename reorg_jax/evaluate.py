@@ -52,8 +52,18 @@ from pycocotools.cocoeval import COCOeval
 
 from reorg_jax import boxes as box_lib
 from reorg_jax import targets as targets_lib
+from reorg_jax.precision_recall import CLASS_METRIC_NAMES, best_f1, class_metrics
 
-__all__ = ['METRIC_NAMES', 'DetectionEvaluator', 'best_f1', 'coco_metrics']
+__all__ = [
+  'CLASS_METRIC_NAMES',
+  'METRIC_NAMES',
+  'DetectionEvaluator',
+  'best_f1',
+  'class_metrics',
+  'coco_metrics',
+  'coco_summary',
+  'compute_by_class',
+]
 
 # Keys of :meth:`DetectionEvaluator.compute`, in order. ``ar1``/``ar10``/``ar``
 # are average recalls with at most 1, 10 and ``max_detections`` detections
@@ -122,65 +132,6 @@ def _summary(coco_eval: COCOeval) -> dict[str, float]:
   }
 
 
-def best_f1(coco_eval: COCOeval) -> dict[str, float]:
-  """Precision, recall and F1 at IoU 0.5 at the confidence maximising mean F1.
-
-  Args:
-    coco_eval: a ``COCOeval`` after ``evaluate()`` (its ``evalImgs``); uses
-      the area range ``all`` and the largest detection cap.
-
-  Returns:
-    ``precision``, ``recall``, ``f1`` (means over classes with ground truth)
-    and ``f1_threshold`` (the score threshold; detections with a score at or
-    above it count). Ties go to the highest threshold. NaN everywhere when no
-    class has ground truth; 0 (threshold NaN) when nothing was detected.
-  """
-  params = coco_eval.params
-  iou_index = int(np.flatnonzero(np.isclose(params.iouThrs, 0.5))[0])
-  all_area, cap = params.areaRng[0], params.maxDets[-1]
-  scores: dict[int, list[np.ndarray]] = {}
-  hits: dict[int, list[np.ndarray]] = {}
-  num_gt: dict[int, int] = {}
-  for entry in coco_eval.evalImgs:
-    if entry is None or entry['aRng'] != all_area or entry['maxDet'] != cap:
-      continue
-    category = entry['category_id']
-    kept = ~entry['dtIgnore'][iou_index].astype(bool)  # [D]
-    scores.setdefault(category, []).append(np.asarray(entry['dtScores'], np.float64)[kept])
-    hits.setdefault(category, []).append(entry['dtMatches'][iou_index][kept] > 0)
-    num_gt[category] = num_gt.get(category, 0) + int((entry['gtIgnore'] == 0).sum())
-
-  counted = [c for c in sorted(num_gt) if num_gt[c] > 0]
-  if not counted:
-    return {name: float('nan') for name in ('precision', 'recall', 'f1', 'f1_threshold')}
-  all_scores = np.concatenate([s for c in counted for s in scores[c]])
-  if all_scores.size == 0:
-    return {'precision': 0.0, 'recall': 0.0, 'f1': 0.0, 'f1_threshold': float('nan')}
-
-  thresholds = np.unique(all_scores)[::-1]  # [U], descending
-  precision_sum = np.zeros(thresholds.size)
-  recall_sum = np.zeros(thresholds.size)
-  f1_sum = np.zeros(thresholds.size)
-  for category in counted:
-    class_scores = np.concatenate(scores[category])
-    order = np.argsort(-class_scores, kind='stable')
-    tp = np.concatenate([[0], np.cumsum(np.concatenate(hits[category])[order])])  # [n + 1]
-    kept = np.searchsorted(-class_scores[order], -thresholds, side='right')  # [U] dets >= t
-    precision = np.divide(tp[kept], kept, out=np.zeros(thresholds.size), where=kept > 0)
-    recall = tp[kept] / num_gt[category]
-    both = precision + recall
-    precision_sum += precision
-    recall_sum += recall
-    f1_sum += np.divide(2 * precision * recall, both, out=np.zeros(thresholds.size), where=both > 0)
-  best = int(np.argmax(f1_sum))  # first maximum: the highest threshold
-  return {
-    'precision': float(precision_sum[best] / len(counted)),
-    'recall': float(recall_sum[best] / len(counted)),
-    'f1': float(f1_sum[best] / len(counted)),
-    'f1_threshold': float(thresholds[best]),
-  }
-
-
 def _check_max_detections(max_detections: int) -> None:
   if max_detections < 10:
     raise ValueError(
@@ -232,20 +183,7 @@ def coco_metrics(
     The twelve COCO numbers and :func:`best_f1`'s four, keyed as in
     :data:`METRIC_NAMES` (without the counts).
   """
-  _check_max_detections(max_detections)
-  annotations = [
-    {**det, 'id': i, 'area': det['bbox'][2] * det['bbox'][3], 'iscrowd': 0}
-    for i, det in enumerate(detections, start=1)
-  ]
-  results = _coco({**ground_truth, 'annotations': annotations})
-  output = contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO())
-  with output:
-    coco_eval = COCOeval(_coco(ground_truth), results, iouType='bbox')
-    coco_eval.params.maxDets = [1, 10, max_detections]
-    coco_eval.evaluate()
-    coco_eval.accumulate()
-    if verbose:
-      coco_eval.summarize()
+  coco_eval = _evaluated(ground_truth, detections, max_detections=max_detections, verbose=verbose)
   return {**_summary(coco_eval), **best_f1(coco_eval)}
 
 
@@ -415,15 +353,83 @@ class DetectionEvaluator:
       counts ``num_images``, ``num_targets``, ``num_detections``. Undefined
       values are NaN (an empty dataset: all metrics NaN, counts 0).
     """
-    ground_truth, detections = self.coco_json()
-    counts = {
-      'num_images': float(len(ground_truth['images'])),
-      'num_targets': float(len(ground_truth['annotations'])),
-      'num_detections': float(len(detections)),
-    }
-    if not ground_truth['annotations']:
-      return {name: counts.get(name, float('nan')) for name in METRIC_NAMES}
-    metrics = coco_metrics(
-      ground_truth, detections, max_detections=self.max_detections, verbose=self.verbose
-    )
-    return {**metrics, **counts}
+    return compute_by_class(self)[0]
+
+
+def _evaluated(
+  ground_truth: dict[str, Any],
+  detections: list[dict[str, Any]],
+  *,
+  max_detections: int | None,
+  verbose: bool = False,
+) -> COCOeval:
+  """A ``COCOeval`` (box IoU) of the structures, evaluated and accumulated.
+
+  ``max_detections=None`` keeps ``pycocotools``' defaults (caps 1, 10, 100);
+  ``verbose`` lets it print its progress and summary table.
+  """
+  if max_detections is not None:
+    _check_max_detections(max_detections)
+  annotations = [
+    {**det, 'id': i, 'area': det['bbox'][2] * det['bbox'][3], 'iscrowd': 0}
+    for i, det in enumerate(detections, start=1)
+  ]
+  results = _coco({**ground_truth, 'annotations': annotations})
+  output = contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO())
+  with output:
+    coco_eval = COCOeval(_coco(ground_truth), results, iouType='bbox')
+    if max_detections is not None:
+      coco_eval.params.maxDets = [1, 10, max_detections]
+    coco_eval.evaluate()
+    coco_eval.accumulate()
+    if verbose:
+      coco_eval.summarize()
+  return coco_eval
+
+
+def compute_by_class(
+  evaluator: DetectionEvaluator,
+) -> tuple[dict[str, float], dict[int, dict[str, float]]]:
+  """``evaluator.compute()`` and the per-class rows (:func:`class_metrics`) of the same scoring.
+
+  Returns:
+    ``(metrics, classes)``: the first equals :meth:`DetectionEvaluator.compute`
+    (all NaN but the counts when nothing has ground truth); ``classes`` maps
+    each class with ground truth to floats keyed by :data:`CLASS_METRIC_NAMES`
+    (empty when none has).
+  """
+  ground_truth, detections = evaluator.coco_json()
+  counts = {
+    'num_images': float(len(ground_truth['images'])),
+    'num_targets': float(len(ground_truth['annotations'])),
+    'num_detections': float(len(detections)),
+  }
+  if not ground_truth['annotations']:
+    return {name: counts.get(name, float('nan')) for name in METRIC_NAMES}, {}
+  coco_eval = _evaluated(
+    ground_truth, detections, max_detections=evaluator.max_detections, verbose=evaluator.verbose
+  )
+  metrics = {**_summary(coco_eval), **best_f1(coco_eval)}
+  classes = class_metrics(coco_eval, threshold=metrics['f1_threshold'])
+  return {**metrics, **counts}, classes
+
+
+def coco_summary(
+  ground_truth: dict[str, Any], detections: list[dict[str, Any]]
+) -> tuple[np.ndarray, str]:
+  """``pycocotools``' standard evaluation (default parameters: at most 100 detections per image).
+
+  Args:
+    ground_truth: a COCO dataset dict (``images``, ``annotations``, ``categories``).
+    detections: COCO result dicts (``image_id``, ``category_id``, ``bbox``
+      ``[x, y, w, h]``, ``score``); may be empty (``COCO.loadRes`` may not).
+
+  Returns:
+    ``(stats, text)``: ``COCOeval.stats`` (``[12]``: mAP@0.5:0.95, mAP@0.5, ...)
+    and the twelve lines ``COCOeval.summarize`` prints.
+  """
+  coco_eval = _evaluated(ground_truth, detections, max_detections=None)
+  text = io.StringIO()
+  with contextlib.redirect_stdout(text):
+    coco_eval.summarize()
+  return np.asarray(coco_eval.stats), text.getvalue().rstrip('\n')

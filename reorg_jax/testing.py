@@ -7,6 +7,8 @@ grid of level ``l``.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,7 +16,7 @@ import numpy as np
 from reorg_jax.loss._config import LossConfig
 from reorg_jax.targets import Targets
 
-__all__ = ['random_head_outputs', 'random_labels', 'random_scene']
+__all__ = ['Scene', 'make_scene', 'random_head_outputs', 'random_labels', 'random_scene']
 
 
 def random_labels(
@@ -142,3 +144,48 @@ def random_scene(
   targets = Targets.from_yolo(labels, batch, max_boxes, num_classes=num_classes)
   outputs = random_head_outputs(rng, config, batch_size=batch, image_hw=image_hw)
   return config, targets, [jnp.asarray(o) for o in outputs]
+
+
+@dataclasses.dataclass(frozen=True)
+class Scene:
+  """A seeded loss scene: ``B`` images of ``S`` px with up to ``max_count`` boxes each.
+
+  The parity tests, the notebooks and the figures build their scenes from it
+  (:func:`make_scene`).
+  """
+
+  seed: int
+  batch: int
+  size: int
+  num_classes: int
+  max_count: int
+  max_boxes: int = 64
+  empty_images: int = 0
+  # The loss's speed settings at their simplest (one image group, no capacity ladder): one
+  # branch to compile instead of twelve. The result does not depend on them
+  # (tests/test_compact.py); the crowded B=8 scenes keep the defaults.
+  flat: bool = False
+
+  def __str__(self):
+    return (
+      f'seed{self.seed}-B{self.batch}-{self.size}px-C{self.num_classes}-upto{self.max_count}'
+      f'-empty{self.empty_images}' + ('-flat' if self.flat else '')
+    )
+
+
+def make_scene(scene: Scene) -> tuple[LossConfig, tuple[int, int], Targets, list[np.ndarray]]:
+  """``(config, hw, targets, outputs)`` of ``scene``, ``outputs`` as ``2L`` NumPy arrays.
+
+  The box count of each image is drawn first, then the rest of the scene
+  (:func:`reorg_jax.testing.random_scene`) from the same generator.
+  Upstream's label rows are ``targets.to_yolo()``.
+  """
+  rng = np.random.default_rng(scene.seed)
+  counts = list(rng.integers(0, scene.max_count + 1, size=scene.batch))
+  counts[: scene.empty_images] = [0] * scene.empty_images
+  hw = (scene.size, scene.size)
+  flat = {'capacity_fractions': (), 'batch_groups': 1} if scene.flat else {}
+  config, targets, outputs = random_scene(
+    rng, counts, num_classes=scene.num_classes, max_boxes=scene.max_boxes, image_hw=hw, **flat
+  )
+  return config, hw, targets, [np.array(o) for o in outputs]  # writable, for torch

@@ -3,8 +3,9 @@ dropping compiled code between test modules, and undoing the training
 program's compilation-cache setting after each test that ran it in-process."""
 
 import jax
-import oracle  # noqa: F401  (registers the torchvision stand-in before any test imports sas_yolov7)
 import pytest
+
+from reorg_jax.reference import oracle  # noqa: F401  (registers the torchvision stand-in before any test imports sas_yolov7)
 
 
 @pytest.fixture(autouse=True, scope='module')
@@ -25,7 +26,7 @@ _CACHE_OPTIONS = ('jax_compilation_cache_dir', 'jax_enable_compilation_cache')
 
 @pytest.fixture(autouse=True)
 def _restore_compile_cache():
-  """Puts back the persistent-cache options ``train.main.main`` sets for its run."""
+  """Puts back the persistent-cache options ``reorg-jax train`` sets for its run."""
   before = {name: getattr(jax.config, name) for name in _CACHE_OPTIONS}
   yield
   for name, value in before.items():

@@ -26,13 +26,13 @@ two orders of magnitude cannot be crossed by it.
 """
 
 import numpy as np
-import oracle
 import pytest
 import yaml
 from sas_yolov7.utils import datasets as reference
 from scipy import stats
 
 from reorg_jax.data import augment, dataset, geometry, loader, mosaic, synthetic
+from reorg_jax.reference import oracle
 
 SIZE = 96
 SAMPLES = 300

@@ -1,7 +1,7 @@
 """Every option is checked before anything is written or trained; errors are one line, exit 2.
 
-Nothing here trains: :func:`train.config.load` is called directly, and
-:func:`train.main.main` only with inputs that must fail before the run
+Nothing here trains: :func:`reorg_jax.program.config.load` is called directly, and
+:func:`reorg_jax.program.commands.train.main` only with inputs that must fail before the run
 directory is created (each test checks that it was not).
 """
 
@@ -15,8 +15,9 @@ import yaml
 
 from reorg_jax.data import synthetic
 from reorg_jax.models import yolo
-from train import config as config_lib
-from train import loop, main
+from reorg_jax.program import config as config_lib
+from reorg_jax.program import loop
+from reorg_jax.program.commands import train as main
 
 
 def _load(overrides=None, path=None):
@@ -80,15 +81,16 @@ def test_defaults_load_and_loss_defaults_live_in_loss_config():
   named = config_lib.read_yaml(config_lib.DEFAULT_PATH)['loss']
   assert set(named) == {'cls'}  # the demo's one departure, explained in the file
   upstream = config_lib.loss_lib.LossConfig.p6(1)
-  assert config['loss'] == {
+  assert dict(config.loss) == {
     name: named.get(name, getattr(upstream, name)) for name in config_lib.LOSS_OPTIONS
   }
-  assert config['loss']['cls'] != upstream.cls
+  assert config.loss['cls'] != upstream.cls
+  assert config.options['loss'] == dict(config.loss)
   # The resume check still sees the loss options: a changed gain is a conflict.
-  changed = copy.deepcopy(config)
+  changed = copy.deepcopy(config.options)
   changed['loss']['box'] = 0.1
-  assert config_lib.resume_conflicts(config, changed) == [
-    'loss: ' + repr(config['loss']) + ' -> ' + repr(changed['loss'])
+  assert config_lib.resume_conflicts(config.options, changed) == [
+    'loss: ' + repr(config.options['loss']) + ' -> ' + repr(changed['loss'])
   ]
 
 
@@ -101,7 +103,7 @@ def test_unknown_keys_name_the_file(tmp_path):
 
 def test_smaller_image_fits_when_evaluation_keeps_fewer_detections():
   config = _load({'train.image_size': 64, 'eval.max_detections': 255})
-  model = config_lib.build_model(config)
+  model = config_lib.build_model(config.model.name)
   assert config_lib.boxes_per_image(model, image_size=64) == 255
 
 

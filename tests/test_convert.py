@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 import torch
 from sas_yolov7.models.yolo import Model
-from upstream_models import perturbed_model
 
 from reorg_jax.models import convert, yolo
 from reorg_jax.models import from_yaml as model_yaml
+from reorg_jax.reference.models import perturbed_model
 
 
 @pytest.fixture(scope='module')

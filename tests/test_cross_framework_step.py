@@ -15,19 +15,17 @@ from __future__ import annotations
 
 import copy
 
-import jax
 import numpy as np
-import oracle
 import pytest
 import torch
 from sas_yolov7.models.common import ImplicitA, ImplicitM
 from sas_yolov7.models.yolo import Model
-from upstream_models import flushed_denormals
 
 import reorg_jax
-from reorg_jax import loss as config_lib
 from reorg_jax.models import convert, yolo
-from reorg_jax.training import optim
+from reorg_jax.reference import oracle
+from reorg_jax.reference.models import flushed_denormals
+from reorg_jax.training import assembly, optim
 from reorg_jax.training import step as train
 
 NUM_CLASSES, SIZE, BATCH = 3, 128, 2
@@ -66,16 +64,9 @@ def both_steps():
   model = yolo.p6_nano(num_classes=NUM_CLASSES)
   variables = convert.import_state_dict(model, torch_model.state_dict())
 
-  loss_config = optim.scaled_loss_gains(
-    reorg_jax.LossConfig(
-      num_classes=NUM_CLASSES,
-      anchors=model.anchors,
-      strides=model.strides,
-      balance=config_lib.upstream_balance(len(model.strides)),
-    ),
-    image_size=SIZE,
-  )
   schedule = optim.Schedule(epochs=1, batch_size=BATCH, steps_per_epoch=4)
+  ours = assembly.assemble(model, image_size=SIZE, schedule=schedule, variables=variables)
+  setup, state, loss_config = ours.setup, ours.state, ours.loss_config
   lrs, momentum = np.asarray([0.02, 0.01, 0.05]), 0.9
   decays = schedule.weight_decays
 
@@ -108,14 +99,6 @@ def both_steps():
   torch_after = {k: v.detach().numpy().copy() for k, v in torch_model.state_dict().items()}
 
   # Ours: one train step with the same hyper-parameters.
-  setup, state = train.create_train_state(
-    model,
-    rng=jax.random.key(0),
-    image_size=SIZE,
-    schedule=schedule,
-    loss_config=loss_config,
-    variables=variables,
-  )
   before = convert.export_state_dict(model, state.variables(use_ema=False))
   hparams = optim.HyperParams(
     step=np.asarray(0, np.int32),

@@ -25,9 +25,9 @@ import pytest
 import yaml
 
 from reorg_jax.data import synthetic
+from reorg_jax.program import config as config_lib
+from reorg_jax.program import loop, report
 from reorg_jax.training import checkpoint
-from train import config as config_lib
-from train import loop, report
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 900  # per launch; compiling takes most of it on 2 cores
@@ -151,7 +151,7 @@ def test_two_processes_train_as_one_with_two_devices(runs):
 def test_checkpoints_of_both_processes_resume_to_the_same_weights(runs):
   _, config_file, reference, two, _ = runs
   config = config_lib.load(config_path=config_file, overrides={})
-  pieces = loop.setup(config, data_path=Path(config['data']['yaml']))
+  pieces = loop.setup(config, data_path=Path(config.data.yaml))
   pieces.close()
   restored = []
   for workdir in (reference, two):

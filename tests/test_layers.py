@@ -18,9 +18,9 @@ import pytest
 import torch
 from sas_yolov7.models import common
 from sas_yolov7.models.yolo import IAuxDetect as TorchIAuxDetect
-from upstream_models import flushed_denormals
 
 from reorg_jax.models import convert, detect, layers
+from reorg_jax.reference.models import flushed_denormals
 
 ATOL = 1e-5
 ANCHORS = ((19, 27, 44, 40, 38, 94), (96, 68, 86, 152, 180, 137), (140, 301, 303, 264, 238, 542))

@@ -24,10 +24,10 @@ import numpy as np
 import pytest
 import torch
 from sas_yolov7.models.yolo import Model
-from upstream_models import perturbed_model, torch_outputs, upstream_config
 
 from reorg_jax.models import convert, yolo
 from reorg_jax.models import from_yaml as model_yaml
+from reorg_jax.reference.models import perturbed_model, torch_outputs, upstream_config
 
 # (config, height, width, also in float64): W6 at two shapes, the other P6 configs at one, and
 # the small model. Float64 costs a second compile, so it runs on W6 and on the small model, which

@@ -23,44 +23,24 @@ scene holding such an image is then skipped with the reason shown.
 from __future__ import annotations
 
 import collections
-import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import oracle
 import pytest
 import torch
 
 import reorg_jax
-from reorg_jax import testing
 from reorg_jax.loss import _assign as assigner
 from reorg_jax.loss._slots import SlotLayout
-
-REL_TIE = 1e-5
-
-
-@dataclasses.dataclass(frozen=True)
-class Scene:
-  seed: int
-  batch: int
-  size: int
-  num_classes: int
-  max_count: int
-  max_boxes: int = 64
-  empty_images: int = 0
-  # The loss's speed settings at their simplest (one image group, no capacity ladder): one
-  # branch to compile instead of twelve. The result does not depend on them
-  # (tests/test_compact.py); the crowded B=8 scenes keep the defaults.
-  flat: bool = False
-
-  def __str__(self):
-    return (
-      f'seed{self.seed}-B{self.batch}-{self.size}px-C{self.num_classes}-upto{self.max_count}'
-      f'-empty{self.empty_images}' + ('-flat' if self.flat else '')
-    )
-
+from reorg_jax.reference import oracle
+from reorg_jax.reference.parity import (
+  matched_multiset,
+  reference_multisets,
+  tie_sensitive_images,
+)
+from reorg_jax.testing import Scene, make_scene
 
 SCENES = [
   *(Scene(seed, 8, 640, 80, 60, empty_images=seed % 3) for seed in range(4)),
@@ -71,24 +51,6 @@ SCENES = [
   Scene(41, 2, 640, 80, 1, flat=True),
   Scene(42, 2, 640, 80, 0, empty_images=2, flat=True),
 ]
-
-
-def make_scene(scene: Scene):
-  """``(config, hw, targets, outputs)`` of ``scene``, ``outputs`` as ``2L`` NumPy arrays.
-
-  The box count of each image is drawn first, then the rest of the scene
-  (:func:`reorg_jax.testing.random_scene`) from the same generator.
-  Upstream's label rows are ``targets.to_yolo()``.
-  """
-  rng = np.random.default_rng(scene.seed)
-  counts = list(rng.integers(0, scene.max_count + 1, size=scene.batch))
-  counts[: scene.empty_images] = [0] * scene.empty_images
-  hw = (scene.size, scene.size)
-  flat = {'capacity_fractions': (), 'batch_groups': 1} if scene.flat else {}
-  config, targets, outputs = testing.random_scene(
-    rng, counts, num_classes=scene.num_classes, max_boxes=scene.max_boxes, image_hw=hw, **flat
-  )
-  return config, hw, targets, [np.array(o) for o in outputs]  # writable, for torch
 
 
 @functools.partial(jax.jit, static_argnames=('image_hw', 'config'))
@@ -104,70 +66,6 @@ def _ours(outputs, targets, image_hw, config):
       lead, targets, image_hw, config, coarse=coarse
     )
   return result
-
-
-def matched_multiset(assignment, targets, image: int) -> collections.Counter:
-  """``(level, anchor, gj, gi, class, cx, cy, w, h)`` of every positive of ``image``."""
-  a = jax.tree.map(lambda x: np.asarray(x)[image], assignment)
-  boxes, classes = np.asarray(targets.boxes)[image], np.asarray(targets.classes)[image]
-  rows = collections.Counter()
-  for k in np.flatnonzero(a.positive):
-    m = a.gt[k]
-    rows[
-      (
-        int(a.level[k]),
-        int(a.anchor[k]),
-        int(a.gj[k]),
-        int(a.gi[k]),
-        int(classes[m]),
-        *boxes[m].tolist(),
-      )
-    ] += 1
-  return rows
-
-
-def reference_multisets(indices, batch: int) -> list[collections.Counter]:
-  """The same tuples from upstream's ``build_targets`` output, per image."""
-  bs, as_, gjs, gis, rows = indices[:5]
-  out = [collections.Counter() for _ in range(batch)]
-  for level in range(len(bs)):
-    if rows[level].numel() == 0:
-      continue
-    for b, a, gj, gi, row in zip(
-      bs[level].tolist(),
-      as_[level].tolist(),
-      gjs[level].tolist(),
-      gis[level].tolist(),
-      rows[level].tolist(),
-      strict=True,
-    ):
-      key = (level, a, gj, gi, int(row[1]), *np.asarray(row[2:6], np.float32).tolist())
-      out[b][key] += 1
-  return out
-
-
-def tie_sensitive_images(costs, dynamic_k, valid) -> set[int]:
-  """Images whose SimOTA outcome depends on the order of (near-)equal values."""
-  cost = np.asarray(costs.cost, np.float64)
-  iou = np.asarray(costs.iou, np.float64)
-  live = np.asarray(costs.live)
-  dynamic_k, valid = np.asarray(dynamic_k), np.asarray(valid)
-  images = set()
-  for b in range(cost.shape[0]):
-    k_live = np.flatnonzero(live[b])
-    for m in np.flatnonzero(valid[b]):
-      row = np.sort(cost[b, m, k_live])
-      k = dynamic_k[b, m]
-      if k < row.size and row[k] - row[k - 1] <= REL_TIE * abs(row[k]):
-        images.add(b)
-      total = np.sort(iou[b, m])[::-1][:20].sum()
-      if total >= 1 and abs(total - round(total)) < 1e-4:
-        images.add(b)
-    if k_live.size and valid[b].sum() > 1:
-      column = np.sort(cost[b][np.ix_(valid[b], k_live)], axis=0)
-      if (column[1] - column[0] <= REL_TIE * np.abs(column[1])).any():
-        images.add(b)
-  return images
 
 
 @pytest.fixture(scope='module', params=SCENES, ids=str)

@@ -20,9 +20,10 @@ import numpy as np
 import pytest
 
 from reorg_jax.data import synthetic
+from reorg_jax.program import config as config_lib
+from reorg_jax.program import loop, report, rundir, runtime
+from reorg_jax.program.commands import train as main
 from reorg_jax.training import checkpoint, integrity
-from train import config as config_lib
-from train import loop, main, report, rundir
 
 
 @pytest.fixture(scope='module')
@@ -199,8 +200,8 @@ def test_program_hides_only_the_closed_loop_reports_of_abandoned_writes():
   """After a failed write, each abandoned orbax write reports 'Event loop is closed' (thousands
   of lines on a full disk); the program drops those and passes every other report on."""
   seen = []
-  hook = main._quiet_closed_loops(seen.append)
-  assert main._quiet_closed_loops(hook) is hook  # installing twice wraps once
+  hook = runtime._quiet_closed_loops(seen.append)
+  assert runtime._quiet_closed_loops(hook) is hook  # installing twice wraps once
 
   class Report:
     def __init__(self, value):

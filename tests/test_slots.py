@@ -12,13 +12,13 @@ import collections
 import jax
 import jax.numpy as jnp
 import numpy as np
-import oracle
 import pytest
 import torch
 
 from reorg_jax import testing
 from reorg_jax.loss import _assign, _objective, _packed
 from reorg_jax.loss._slots import NUM_OFFSETS, SlotLayout
+from reorg_jax.reference import oracle
 
 HW = (320, 320)
 GRIDS = tuple((HW[0] // s, HW[1] // s) for s in (8, 16, 32, 64))

@@ -26,10 +26,11 @@ import yaml
 from jax.sharding import NamedSharding, PartitionSpec
 
 from reorg_jax.data import synthetic
+from reorg_jax.program import config as config_lib
+from reorg_jax.program import loop, report
+from reorg_jax.program.commands import train as main
 from reorg_jax.training import checkpoint, optim
 from reorg_jax.training import step as train_lib
-from train import config as config_lib
-from train import loop, main, report
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 12  # 3 epochs of 4 batches of 8.

@@ -81,15 +81,15 @@ def test_the_float64_bound_sees_a_lost_momentum_buffer(figures):
   shifts each tensor by ``lr * m**2 * buf``.
   """
   _, out, _ = figures
+  from reorg_jax.program import config as config_lib
   from reorg_jax.training import optim
-  from train import config as config_lib
 
   config = config_lib.load(config_path=out / 'config.yaml', overrides=None)
   schedule = optim.Schedule(
-    epochs=config['train']['epochs'],
-    batch_size=config['train']['batch_size'],
-    steps_per_epoch=config['synthetic']['num_train'] // config['train']['batch_size'],
-    recipe=config_lib.recipe(config),
+    epochs=config.train.epochs,
+    batch_size=config.train.batch_size,
+    steps_per_epoch=config.synthetic.num_train // config.train.batch_size,
+    recipe=config.recipe,
   )
   hparams = optim.hyperparams(2, schedule=schedule)
   snapshot, after = np.load(out / 'snapshot.npz'), np.load(out / 'float64' / 'weights.npz')

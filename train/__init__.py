@@ -1,1 +1,1 @@
-"""The training program: ``python -m train`` (see :mod:`train.main`)."""
+"""``python -m train`` from a checkout: ``reorg-jax train`` (see :mod:`reorg_jax.program.commands.train`)."""

@@ -1,6 +1,6 @@
-"""``python -m train``: see :mod:`train.main`."""
+"""``python -m train``: ``reorg-jax train`` from a checkout (the README's main job)."""
 
-from train.main import main
+from reorg_jax.program.commands import train
 
 if __name__ == '__main__':
-  raise SystemExit(main())
+  raise SystemExit(train.main(prog='python -m train'))

@@ -4,15 +4,13 @@ Glossary (the package's, see the README): ``B`` batch, ``D`` detections kept
 per image, ``N`` label rows of an image, ``C`` classes, ``H``/``W`` image
 height/width in pixels.
 
-The curves are the training program's own (``train.report.curves_figure``,
+The curves are the training program's own (``reorg_jax.program.report.curves_figure``,
 which also draws a run's ``losses.png``), fed per step instead of per epoch.
 """
 
 from __future__ import annotations
 
 import importlib
-import pathlib
-import sys
 from collections.abc import Mapping, Sequence
 from types import ModuleType
 from typing import TYPE_CHECKING
@@ -30,11 +28,8 @@ __all__ = ['detections_figure', 'loss_curves_figure']
 
 
 def _report() -> ModuleType:
-  """``train.report``: the training program sits at the repository root and is not installed."""
-  root = str(pathlib.Path(__file__).resolve().parents[2])
-  if root not in sys.path:
-    sys.path.append(root)
-  return importlib.import_module('train.report')
+  """:mod:`reorg_jax.program.report` (the training program's plots)."""
+  return importlib.import_module('reorg_jax.program.report')
 
 
 def loss_curves_figure(

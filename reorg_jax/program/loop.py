@@ -3,7 +3,7 @@
 Glossary: ``B`` batch size (all devices), ``S`` image side, ``g`` the
 global step (batches trained so far; equals ``TrainState.step``).
 
-:func:`setup` builds a run's pieces once (:class:`train.pieces.Run`: splits,
+:func:`setup` builds a run's pieces once (:class:`reorg_jax.program.pieces.Run`: splits,
 loaders, model, schedule, loss gains, the initial state on the devices and
 the jitted step); :func:`run` trains them in a run directory. The run's
 position is ``g`` alone: the batch of step ``g`` is batch
@@ -25,17 +25,17 @@ counter (see :func:`reorg_jax.training.step.train_step`), and since a fetch
 precedes every checkpoint, nothing is saved after it.
 
 At the end of an epoch the EMA weights are evaluated on the validation split
-and the best checkpoint kept (:func:`train.evaluation.end_epoch`); then the
+and the best checkpoint kept (:func:`reorg_jax.program.evaluation.end_epoch`); then the
 periodic checkpoint is written. A run
 killed at any point resumes from the newest complete periodic checkpoint
 that verifies against its digests (a damaged newer one is skipped, said in
 one line, and kept as ``<step>.damaged-<n>``).
 
 Before anything is written, the configuration has been checked
-(:func:`train.config.load`), the model file parsed, and a dataset YAML's
+(:func:`reorg_jax.program.config.load`), the model file parsed, and a dataset YAML's
 splits loaded and sized against the batch. The run directory's rules (one
 writer at a time, refusing another run's checkpoints, one-line write
-failures) are :mod:`train.rundir`'s.
+failures) are :mod:`reorg_jax.program.rundir`'s.
 """
 
 from __future__ import annotations
@@ -47,17 +47,16 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 
-import reorg_jax
-from reorg_jax.data import dataset, loader, prefetch
+from reorg_jax.data import dataset, loader, prefetch, synthetic
 from reorg_jax.models import yolo
-from reorg_jax.training import checkpoint, integrity, optim
+from reorg_jax.program import config as config_lib
+from reorg_jax.program import evaluation, report, rundir, weights
+from reorg_jax.program.pieces import Reports, Run, dataset_yaml, load_splits
+from reorg_jax.program.rundir import RunError
+from reorg_jax.program.sections import RunConfig
+from reorg_jax.training import assembly, checkpoint, integrity, optim
 from reorg_jax.training import step as train_lib
-from train import config as config_lib
-from train import evaluation, report, rundir
-from train.pieces import Reports, Run, dataset_yaml, load_splits
-from train.rundir import RunError
 
 __all__ = ['Result', 'RunError', 'run', 'setup']
 
@@ -85,90 +84,83 @@ class Result:
 
 
 def setup(
-  config: dict[str, Any],
+  config: RunConfig,
   *,
   data_path: Path,
   splits: tuple[dataset.YoloDataset, dataset.YoloDataset] | None = None,
+  variables: dict[str, Any] | None = None,
 ) -> Run:
   """Builds the pieces of the run ``config`` describes (nothing is trained or written).
 
   Args:
-    config: the resolved configuration (:func:`train.config.load`).
-    data_path: the dataset YAML (:func:`train.pieces.dataset_yaml`).
+    config: the resolved configuration (:func:`reorg_jax.program.config.load`).
+    data_path: the dataset YAML (:func:`reorg_jax.program.pieces.dataset_yaml`).
     splits: the splits of ``data_path`` if already loaded
-      (:func:`train.pieces.load_splits`).
+      (:func:`reorg_jax.program.pieces.load_splits`).
+    variables: start from these ``{'params', 'batch_stats'}`` (``--weights``)
+      instead of a fresh initialisation from ``jax.random.key(seed)``.
 
   Raises:
     RunError: a batch size is not a multiple of the device count.
-    train.config.ConfigError: the train split is smaller than one batch.
+    reorg_jax.program.config.ConfigError: the train split is smaller than one batch.
   """
-  tcfg, ecfg = config['train'], config['eval']
+  tcfg, ecfg = config.train, config.eval
   devices = jax.device_count()
   for name, size in (
-    ('train.batch_size', tcfg['batch_size']),
-    ('eval.batch_size', ecfg['batch_size']),
+    ('train.batch_size', tcfg.batch_size),
+    ('eval.batch_size', ecfg.batch_size),
   ):
     if size % devices:
       raise RunError(f'{name} = {size} is not a multiple of the {devices} devices')
   train_data, val_data = splits if splits is not None else load_splits(config, data_path)
-  aug = config_lib.augmentation(config)
-  size, seed = tcfg['image_size'], config['seed']
+  size, seed = tcfg.image_size, config.seed
   feed = loader.BatchLoader(
     train_data,
-    batch_size=tcfg['batch_size'],
+    batch_size=tcfg.batch_size,
     image_size=size,
-    max_boxes=loader.max_boxes_bound(train_data, aug),
+    max_boxes=loader.max_boxes_bound(train_data, config.augment),
     seed=seed,
-    config=aug,
+    config=config.augment,
     shuffle=True,
     drop_last=True,
-    num_threads=tcfg['loader_threads'],
-    num_workers=tcfg['loader_workers'],
+    num_threads=tcfg.loader_threads,
+    num_workers=tcfg.loader_workers,
     shard_index=jax.process_index(),  # each process loads only its rows of every batch
     shard_count=jax.process_count(),
   )
   val_feed = loader.BatchLoader(
     val_data,
-    batch_size=ecfg['batch_size'],
+    batch_size=ecfg.batch_size,
     image_size=size,
     max_boxes=loader.max_boxes_bound(val_data, None),
     seed=seed,
     config=None,
     shuffle=False,
     drop_last=False,
-    num_threads=tcfg['loader_threads'],
+    num_threads=tcfg.loader_threads,
   )
-  model = config_lib.build_model(config, num_classes=train_data.num_classes)
+  model = config_lib.build_model(config.model.name, num_classes=train_data.num_classes)
   schedule = optim.Schedule(
-    epochs=tcfg['epochs'],
-    batch_size=tcfg['batch_size'],
+    epochs=tcfg.epochs,
+    batch_size=tcfg.batch_size,
     steps_per_epoch=feed.steps_per_epoch,
-    recipe=config_lib.recipe(config),
+    recipe=config.recipe,
   )
-  loss_config = optim.scaled_loss_gains(
-    reorg_jax.LossConfig(
-      num_classes=train_data.num_classes,
-      anchors=model.anchors,
-      strides=model.strides,
-      balance=reorg_jax.loss.upstream_balance(len(model.strides)),
-      **config['loss'],
-    ),
-    image_size=size,
-  )
-  dtype = jnp.bfloat16 if config['model']['compute_dtype'] == 'bfloat16' else jnp.float32
-  train_setup, state = train_lib.create_train_state(
+  pieces = assembly.assemble(
     model,
-    rng=jax.random.key(seed),
     image_size=size,
     schedule=schedule,
-    loss_config=loss_config,
-    compute_dtype=dtype,
+    gains=config.loss,
+    rng=jax.random.key(seed),
+    compute_dtype=config.model.dtype,
+    variables=variables,
+    frozen_layers=tcfg.freeze,
   )
-  _, state_sharding, batch_sharding = train_lib.data_parallel(state)
+  _, state_sharding, batch_sharding = train_lib.data_parallel(pieces.state)
   train_lib.process_shard(batch_sharding)  # the feed's row blocks match the devices
   total = schedule.total_steps
-  if tcfg['max_steps'] is not None:
-    total = min(total, tcfg['max_steps'])
+  if tcfg.max_steps is not None:
+    total = min(total, tcfg.max_steps)
   return Run(
     config=config,
     train_data=train_data,
@@ -177,21 +169,28 @@ def setup(
     val_feed=val_feed,
     model=model,
     schedule=schedule,
-    loss_config=loss_config,
-    train_setup=train_setup,
-    state=train_lib.place(state, state_sharding),
+    loss_config=pieces.loss_config,
+    train_setup=pieces.setup,
+    state=train_lib.place(pieces.state, state_sharding),
     state_sharding=state_sharding,
     batch_sharding=batch_sharding,
-    step_fn=train_lib.jit_train_step(train_setup, state_sharding=state_sharding),
+    step_fn=pieces.jit_step(state_sharding=state_sharding),
     total_steps=total,
   )
 
 
-def run(config: dict[str, Any], *, workdir: str | Path, resume: bool) -> Result:
+def run(
+  config: RunConfig,
+  *,
+  workdir: str | Path,
+  resume: bool,
+  start: weights.Weights | None = None,
+  allow_partial: bool = False,
+) -> Result:
   """Trains as ``config`` says, writing everything under ``workdir``.
 
   Args:
-    config: the resolved configuration (:func:`train.config.load`).
+    config: the resolved configuration (:func:`reorg_jax.program.config.load`).
     workdir: the run directory (created if missing).
     resume: continue from the newest checkpoint in ``workdir`` that verifies
       (a fresh start when there is none); without it, a ``workdir`` holding
@@ -201,7 +200,7 @@ def run(config: dict[str, Any], *, workdir: str | Path, resume: bool) -> Result:
     reorg_jax.training.step.NonFiniteError: a step's loss or gradient was not
       finite (nothing from that step is saved).
     reorg_jax.data.dataset.YoloDatasetError: malformed dataset (file and line named).
-    train.config.ConfigError: unusable options, model file or dataset size
+    reorg_jax.program.config.ConfigError: unusable options, model file or dataset size
       (raised before anything is written).
     RunError: the run directory is in use by another run, holds another run,
       cannot be written (disk full, read-only), or all its checkpoints are
@@ -209,17 +208,38 @@ def run(config: dict[str, Any], *, workdir: str | Path, resume: bool) -> Result:
   """
   workdir = Path(workdir)
   splits = None
-  if config['data']['yaml'] is not None:  # read-only checks before anything is written
-    splits = load_splits(config, Path(config['data']['yaml']))
+  if config.data.yaml is not None:  # read-only checks before anything is written
+    splits = load_splits(config, Path(config.data.yaml))
+  num_classes = len(synthetic.CLASS_NAMES) if splits is None else splits[0].num_classes
+  model = config_lib.build_model(config.model.name, num_classes=num_classes)
+  if config.train.freeze > len(model.specs):
+    raise config_lib.ConfigError(
+      f'train.freeze = {config.train.freeze} (--freeze) exceeds the {len(model.specs)} layers '
+      f'of {config.model.name}'
+    )
+  variables, notes = None, ()
+  if start is not None:
+    variables, notes = _start_from(
+      start,
+      model,
+      image_size=config.train.image_size,
+      seed=config.seed,
+      allow_partial=allow_partial,
+    )
   try:
     workdir.mkdir(parents=True, exist_ok=True)
     with rundir.RunLock(rundir.lock_path(workdir)):
-      rundir.check_workdir(workdir, config, resume=resume)
+      rundir.check_workdir(workdir, config.options, resume=resume)
       if jax.process_index() == 0:
-        config_lib.dump(config, workdir / 'config.yaml')
-      pieces = setup(config, data_path=dataset_yaml(config, workdir=workdir), splits=splits)
+        config_lib.dump(config.options, workdir / 'config.yaml')
+      pieces = setup(
+        config,
+        data_path=dataset_yaml(config, workdir=workdir),
+        splits=splits,
+        variables=variables,
+      )
       try:
-        return _train(pieces, workdir=workdir, resume=resume)
+        return _train(pieces, workdir=workdir, resume=resume, notes=notes)
       finally:
         pieces.close()
   except OSError as error:
@@ -251,6 +271,7 @@ class _Pending:
       for (g, epoch, lr), metrics in zip(self.steps, fetched, strict=True):
         train_lib.check_finite(metrics, step=g)
         values = {k: float(metrics[name]) for k, name in report.LOSS_COLUMNS.items()}
+        values.update({k: float(metrics[k]) for k in report.ASSIGNMENT_COLUMNS})
         values['lr'] = lr
         rows.append({'step': g, 'epoch': epoch, **values})
         reports.scalars.add(values, step=g, prefix='train')
@@ -261,14 +282,39 @@ class _Pending:
     return rows[-1]
 
 
-def _train(pieces: Run, *, workdir: Path, resume: bool) -> Result:
+def _start_from(
+  start: weights.Weights, model: yolo.YOLO, *, image_size: int, seed: int, allow_partial: bool
+) -> tuple[dict[str, Any], tuple[str, ...]]:
+  """The variables ``--weights`` gives ``model`` and the lines that say what was taken.
+
+  Raises:
+    reorg_jax.program.weights.WeightsError: nothing transferred, or less than
+      :data:`~reorg_jax.program.weights.PARTIAL_SHARE` without ``allow_partial``.
+  """
+  # What transfers depends on names and shapes only: checked before initialising the model.
+  moved = weights.transfer(start, model, assembly.zero_variables(model))
+  share = len(moved.transferred) / moved.total
+  if not moved.transferred or (share < weights.PARTIAL_SHARE and not allow_partial):
+    first = '; '.join(f'{key} ({why})' for key, why in moved.skipped[:3])
+    unused = f"; the file's own tensors begin {', '.join(moved.unused[:3])}" if moved.unused else ''
+    advice = 'pass --allow-partial to go on' if moved.transferred else 'another architecture?'
+    raise weights.WeightsError(
+      f'--weights {start.path}: only {len(moved.transferred)}/{moved.total} tensors fit the '
+      f'model (first differences: {first}{unused}); {advice}'
+    )
+  fresh = assembly.initial_variables(model, image_size=image_size, rng=jax.random.key(seed))
+  moved = weights.transfer(start, model, fresh)
+  return moved.variables, tuple(moved.lines(start))
+
+
+def _train(pieces: Run, *, workdir: Path, resume: bool, notes: tuple[str, ...]) -> Result:
   """:func:`run` once the run directory is locked and checked."""
   config = pieces.config
   is_main_process = jax.process_index() == 0  # the process that writes and prints
-  tcfg, ccfg, lcfg = config['train'], config['checkpoint'], config['log']
+  tcfg, ccfg, lcfg = config.train, config.checkpoint, config.log
   state, total, spe = pieces.state, pieces.total_steps, pieces.feed.steps_per_epoch
   ckpt = checkpoint.Checkpoints(
-    workdir / 'checkpoints', save_every=ccfg['save_every'], keep_last=ccfg['keep_last']
+    workdir / 'checkpoints', save_every=ccfg.save_every, keep_last=ccfg.keep_last
   )
   start = 0
   skipped: tuple[str, ...] = ()
@@ -297,17 +343,17 @@ def _train(pieces: Run, *, workdir: Path, resume: bool) -> Result:
       writable=is_main_process,
     ),
     scalars=report.Scalars(
-      workdir / 'tensorboard' if lcfg['tensorboard'] and is_main_process else None,
+      workdir / 'tensorboard' if lcfg.tensorboard and is_main_process else None,
       purge_step=start if resume else None,
     ),
     progress=report.Progress(
-      enabled=lcfg['progress'],
+      enabled=lcfg.progress,
       total_steps=total,
-      batch_size=tcfg['batch_size'],
+      batch_size=tcfg.batch_size,
       silent=not is_main_process,
     ),
     ckpt=ckpt,
-    plots=lcfg['plots'] and is_main_process,
+    plots=lcfg.plots and is_main_process,
     workdir=workdir,
   )
   progress = reports.progress
@@ -317,19 +363,19 @@ def _train(pieces: Run, *, workdir: Path, resume: bool) -> Result:
         f'resuming from step {start}, skipping damaged checkpoints: ' + '; '.join(skipped)
       )
     progress.write(
-      f'training {config["model"]["name"]} ({pieces.num_classes} classes) on '
-      f'{len(pieces.train_data)} images ({spe} steps of {tcfg["batch_size"]} per epoch), '
+      f'training {config.model.name} ({pieces.num_classes} classes) on '
+      f'{len(pieces.train_data)} images ({spe} steps of {tcfg.batch_size} per epoch), '
       f'validating on {len(pieces.val_data)}; {jax.device_count()} '
       f'{jax.devices()[0].platform} device(s); run directory {workdir}'
       + (f'; resumed at step {start}' if start else '')
     )
-    for note in loader.augment_notes(pieces.train_data, config_lib.augmentation(config)):
+    for note in (*notes, *loader.augment_notes(pieces.train_data, config.augment)):
       progress.write(note)
 
   g = start
   pending = _Pending()
   rate = 0.0
-  meta = {'seed': config['seed']}
+  meta = {'seed': config.seed}
   try:
     while g < total:
       epoch, first = divmod(g, spe)
@@ -337,7 +383,7 @@ def _train(pieces: Run, *, workdir: Path, resume: bool) -> Result:
       progress.start_epoch(epoch=epoch, epochs=pieces.schedule.epochs, steps=last, done=first)
       epoch_started = time.perf_counter()
       batches = itertools.islice(pieces.feed.epoch(epoch, start_step=first), last - first)
-      with prefetch.Prefetcher(batches, buffer_size=tcfg['prefetch']) as prefetched:
+      with prefetch.Prefetcher(batches, buffer_size=tcfg.prefetch) as prefetched:
         tick, ticked = time.perf_counter(), g
         for batch in prefetched:
           hparams = optim.hyperparams(g, schedule=pieces.schedule)
@@ -351,13 +397,13 @@ def _train(pieces: Run, *, workdir: Path, resume: bool) -> Result:
           g += 1
           epoch_done = g % spe == 0
           if not (
-            len(pending.steps) >= lcfg['every_steps'] or epoch_done or g == total or ckpt.is_due(g)
+            len(pending.steps) >= lcfg.every_steps or epoch_done or g == total or ckpt.is_due(g)
           ):
             continue
           values = pending.fetch(reports)
           now = time.perf_counter()
           if ticked > start:  # the first step of a process includes compilation
-            seen = (g - ticked) * tcfg['batch_size'] / (now - tick)
+            seen = (g - ticked) * tcfg.batch_size / (now - tick)
             rate = seen if rate == 0 else 0.5 * rate + 0.5 * seen
           progress.update(metrics=values, images_per_s=rate, step=g, steps=g - ticked)
           tick, ticked = now, g
@@ -380,7 +426,7 @@ def _train(pieces: Run, *, workdir: Path, resume: bool) -> Result:
   finally:
     reports.close()
 
-  metric_name = ccfg['best_metric']
+  metric_name = ccfg.best_metric
   best = evaluation.best_epoch(reports.epochs.rows, metric_name)
   if is_main_process:
     if best is None:

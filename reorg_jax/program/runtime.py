@@ -1,20 +1,11 @@
-"""Command line of the training program.
+"""What every subcommand of ``reorg-jax`` sets up before it works: caches, processes, logging.
 
-With no arguments, ``python -m train`` trains the small P6 model on the
-built-in synthetic dataset (written to ``<workdir>/data`` on first use),
-evaluating every epoch. Options come from ``train/configs/default.yaml``,
-then ``--config FILE`` (any subset of the same keys), then the flags below.
-
-Exit status (every error is one line on stderr, no traceback):
-
-* 0: the run finished.
-* 1: the run could not go on: the run directory is in use by another run
-  (its pid is named) or holds another run, a write failed (disk full,
-  read-only directory; the path and the newest complete checkpoint are
-  named), every checkpoint is damaged, or a step's loss was not finite.
-* 2: bad input, found before anything is written or trained: an option's
-  type or range, the model file, the dataset (file and line named), or a
-  dataset smaller than one batch.
+* :func:`add_runtime_arguments` adds the flags for jax's persistent
+  compilation cache (``--compile-cache``, ``--no-compile-cache``) and, for
+  commands that may run on several hosts, ``--distributed``.
+* :func:`start` applies them (before anything compiles) and quiets the
+  libraries whose background failures would otherwise print tracebacks.
+* :func:`fail` prints an error as the program's one line on stderr.
 """
 
 from __future__ import annotations
@@ -23,55 +14,21 @@ import argparse
 import logging
 import os
 import sys
-from collections.abc import Sequence
 from pathlib import Path
 
 __all__ = [
-  'OVERRIDES',
+  'add_runtime_arguments',
+  'check_distributed',
   'compile_cache_dir',
+  'fail',
   'initialize_distributed',
-  'main',
-  'parse_args',
+  'start',
   'use_compile_cache',
 ]
 
-# Flag -> dotted option it overrides.
-OVERRIDES = {
-  'epochs': 'train.epochs',
-  'batch_size': 'train.batch_size',
-  'image_size': 'train.image_size',
-  'steps': 'train.max_steps',
-  'data': 'data.yaml',
-  'model': 'model.name',
-  'seed': 'seed',
-  'save_every': 'checkpoint.save_every',
-}
 
-
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-  """The parsed command line."""
-  parser = argparse.ArgumentParser(
-    prog='python -m train',
-    description='Train a YOLOv7 P6 model (default: the small model on the synthetic dataset).',
-  )
-  parser.add_argument('--config', help='YAML file overriding train/configs/default.yaml')
-  parser.add_argument(
-    '--workdir', default='runs/train', help='run directory (default: %(default)s)'
-  )
-  parser.add_argument(
-    '--resume', action='store_true', help='continue from the newest checkpoint in --workdir'
-  )
-  parser.add_argument('--epochs', type=int, help='train.epochs')
-  parser.add_argument('--batch-size', type=int, help='train.batch_size (all devices together)')
-  parser.add_argument('--image-size', type=int, help='train.image_size')
-  parser.add_argument('--steps', type=int, help='train.max_steps: stop after this many steps')
-  parser.add_argument('--data', help='dataset YAML (default: the synthetic dataset)')
-  parser.add_argument('--model', help="'p6_nano' or a model YAML file")
-  parser.add_argument('--seed', type=int, help='seed')
-  parser.add_argument('--save-every', type=int, help='checkpoint.save_every (steps)')
-  parser.add_argument(
-    '--no-progress', action='store_true', help='no progress bar (epoch lines are still printed)'
-  )
+def add_runtime_arguments(parser: argparse.ArgumentParser, *, distributed: bool) -> None:
+  """The compilation cache flags, and the multi-process flags when ``distributed``."""
   cache = parser.add_mutually_exclusive_group()
   cache.add_argument(
     '--compile-cache',
@@ -83,6 +40,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   cache.add_argument(
     '--no-compile-cache', action='store_true', help='compile everything, read and write no cache'
   )
+  if not distributed:
+    return
   parser.add_argument(
     '--distributed',
     action='store_true',
@@ -97,7 +56,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   parser.add_argument(
     '--process-id', type=int, help='with --distributed: this process, 0 to the process count - 1'
   )
-  args = parser.parse_args(argv)
+
+
+def check_distributed(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+  """Exits through ``parser.error`` when the multi-process flags do not fit together."""
   explicit = [args.coordinator, args.num_processes, args.process_id]
   if any(v is not None for v in explicit):
     if not args.distributed:
@@ -109,7 +71,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         f'--process-id must lie in [0, --num-processes), got {args.process_id} of '
         f'{args.num_processes}'
       )
-  return args
 
 
 def compile_cache_dir(args: argparse.Namespace) -> Path | None:
@@ -186,39 +147,23 @@ def _quiet_closed_loops(hook):
   return quiet
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-  """Runs the program; returns the exit status (see the module docstring)."""
-  args = parse_args(argv)
-  # Orbax logs every failed background write with its traceback, and each of its
-  # abandoned array writes then reports 'Event loop is closed' or an unretrieved task
-  # error (thousands of lines on a full disk); the failure itself reaches the program
-  # and is printed as one line.
+def start(args: argparse.Namespace) -> None:
+  """Quiets background logging, points the compilation cache, joins the processes.
+
+  Orbax logs every failed background write with its traceback, and each of
+  its abandoned array writes then reports 'Event loop is closed' or an
+  unretrieved task error (thousands of lines on a full disk); the failure
+  itself reaches the program and is printed as one line.
+  """
   for name in ('absl', 'asyncio'):
     logging.getLogger(name).setLevel(logging.CRITICAL)
   sys.unraisablehook = _quiet_closed_loops(sys.unraisablehook)
   use_compile_cache(compile_cache_dir(args))  # before anything compiles
-  if args.distributed:
+  if getattr(args, 'distributed', False):
     initialize_distributed(args)
 
-  from reorg_jax.data.dataset import DatasetError
-  from reorg_jax.training.step import NonFiniteError
-  from train import config as config_lib
-  from train import loop
 
-  overrides = {dotted: getattr(args, flag) for flag, dotted in OVERRIDES.items()}
-  if args.no_progress:
-    overrides['log.progress'] = False
-  try:
-    config = config_lib.load(config_path=args.config, overrides=overrides)
-    loop.run(config, workdir=args.workdir, resume=args.resume)
-  except (config_lib.ConfigError, DatasetError) as error:
-    print(f'error: {error}', file=sys.stderr, flush=True)
-    return 2
-  except (loop.RunError, NonFiniteError) as error:
-    print(f'error: {error}', file=sys.stderr, flush=True)
-    return 1
-  return 0
-
-
-if __name__ == '__main__':
-  raise SystemExit(main())
+def fail(error: BaseException | str, *, status: int) -> int:
+  """Prints ``error: <message>`` on stderr; returns ``status``."""
+  print(f'error: {error}', file=sys.stderr, flush=True)
+  return status

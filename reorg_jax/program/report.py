@@ -3,7 +3,9 @@
 Files in the run directory:
 
 * ``steps.csv``: one row per training step (``step, epoch, loss, box, obj,
-  cls, lr``), the raw material of the loss curves.
+  cls, lr``, then the assigner at work: the batch's mean boxes, lead-head and
+  aux-head positives per image, :data:`ASSIGNMENT_COLUMNS`), the raw
+  material of the loss curves; TensorBoard gets the same scalars.
 * ``results.csv``: one row per epoch (:data:`EPOCH_COLUMNS`): mean training
   losses, validation precision, recall, mAP@0.5 and mAP@0.5:0.95 with the
   EMA weights, and the learning rate.
@@ -27,6 +29,7 @@ if TYPE_CHECKING:
   from matplotlib.figure import Figure
 
 __all__ = [
+  'ASSIGNMENT_COLUMNS',
   'EPOCH_COLUMNS',
   'LOSS_COLUMNS',
   'STEP_COLUMNS',
@@ -38,7 +41,18 @@ __all__ = [
   'read_rows',
 ]
 
-STEP_COLUMNS = ('step', 'epoch', 'loss', 'box', 'obj', 'cls', 'lr')
+STEP_COLUMNS = (
+  'step',
+  'epoch',
+  'loss',
+  'box',
+  'obj',
+  'cls',
+  'lr',
+  'boxes_per_image',
+  'lead_positives',
+  'aux_positives',
+)
 EPOCH_COLUMNS = (
   'epoch',
   'step',
@@ -57,6 +71,10 @@ EPOCH_COLUMNS = (
 
 # The loss columns of ``steps.csv`` -> the train step's metric each one records.
 LOSS_COLUMNS = {'loss': 'total', 'box': 'box', 'obj': 'obj', 'cls': 'cls'}
+
+# The assigner at work, per step: mean boxes, lead (fine) and aux (coarse) SimOTA
+# positives per image of the batch (columns of ``steps.csv`` = the step's metrics).
+ASSIGNMENT_COLUMNS = ('boxes_per_image', 'lead_positives', 'aux_positives')
 
 
 def read_rows(path: str | os.PathLike) -> list[dict[str, float]]:
@@ -123,7 +141,10 @@ class Table:
       with partial.open('w', newline='') as handle:
         writer = csv.DictWriter(handle, fieldnames=columns)
         writer.writeheader()
-        writer.writerows({k: _format(row[k]) for k in columns} for row in self.rows)
+        # A column added since the rows were written (an older run resumed) reads NaN.
+        writer.writerows(
+          {k: _format(row.get(k, float('nan'))) for k in columns} for row in self.rows
+        )
       os.replace(partial, self.path)  # a full disk leaves the old file whole
     finally:
       partial.unlink(missing_ok=True)

@@ -5,7 +5,7 @@
   into the same directory fails at once naming the holder's pid.
 * :func:`check_workdir` refuses a fresh start over another run's
   checkpoints, and a resume with options that would change the run
-  (:data:`train.config.FIXED_ON_RESUME`).
+  (:data:`reorg_jax.program.config.FIXED_ON_RESUME`).
 * :func:`write_failure` turns a failed write (disk full, read-only
   directory) into one :class:`RunError` line naming the path and the newest
   complete checkpoint to resume from.
@@ -20,8 +20,8 @@ from typing import Any
 
 import jax
 
+from reorg_jax.program import config as config_lib
 from reorg_jax.training import checkpoint, integrity
-from train import config as config_lib
 
 __all__ = ['RunError', 'RunLock', 'check_workdir', 'lock_path', 'newest_complete', 'write_failure']
 

@@ -23,12 +23,13 @@ import pathlib
 from typing import Any
 
 import numpy as np
-import oracle  # noqa: F401  (registers the torchvision stand-in)
 import sas_yolov7
 import torch
 import yaml
 from sas_yolov7.models.common import ImplicitA, ImplicitM
 from sas_yolov7.models.yolo import Model
+
+from reorg_jax.reference import oracle  # noqa: F401  (registers the torchvision stand-in)
 
 CONFIG_DIR = pathlib.Path(sas_yolov7.__file__).parent / 'cfg' / 'training'
 

@@ -1,11 +1,11 @@
-"""The pieces of a training run: its dataset, what :func:`train.loop.setup` builds, its records.
+"""The pieces of a training run: its dataset, what :func:`reorg_jax.program.loop.setup` builds, its records.
 
 Glossary: ``B`` batch size (all devices), ``S`` image side, ``C`` classes.
 
 :func:`dataset_yaml` names the run's dataset YAML, writing the built-in
 synthetic dataset into the run directory first when the configuration names
 none; :func:`load_splits` loads its train and val splits and checks them
-against the batch. :class:`Run` holds what :func:`train.loop.setup` builds
+against the batch. :class:`Run` holds what :func:`reorg_jax.program.loop.setup` builds
 from them (loaders, model, schedule, loss gains, the state on the devices,
 the jitted step); :class:`Reports` holds where the run records itself
 (tables, TensorBoard, the progress bar, checkpoints).
@@ -26,22 +26,23 @@ from jax.sharding import NamedSharding
 from reorg_jax.data import dataset, loader, synthetic
 from reorg_jax.loss import LossConfig
 from reorg_jax.models import yolo
+from reorg_jax.program import config as config_lib
+from reorg_jax.program import report
+from reorg_jax.program.sections import RunConfig
 from reorg_jax.training import checkpoint, optim
 from reorg_jax.training import step as train_lib
-from train import config as config_lib
-from train import report
 
 __all__ = ['Reports', 'Run', 'dataset_yaml', 'load_splits']
 
 
-def dataset_yaml(config: dict[str, Any], *, workdir: Path) -> Path:
+def dataset_yaml(config: RunConfig, *, workdir: Path) -> Path:
   """The dataset YAML of the run; writes the synthetic dataset first when needed.
 
   The synthetic dataset goes to ``<workdir>/data`` through a temporary
   directory renamed at the end, so an interrupted write is redone.
   """
-  if config['data']['yaml'] is not None:
-    return Path(config['data']['yaml'])
+  if config.data.yaml is not None:
+    return Path(config.data.yaml)
   root = workdir / 'data'
   if jax.process_count() > 1:  # the first process writes, the others wait for it
     if jax.process_index() == 0:
@@ -52,32 +53,32 @@ def dataset_yaml(config: dict[str, Any], *, workdir: Path) -> Path:
   return root / 'data.yaml'
 
 
-def _write_synthetic(config: dict[str, Any], *, workdir: Path) -> None:
+def _write_synthetic(config: RunConfig, *, workdir: Path) -> None:
   root = workdir / 'data'
   if not (root / 'data.yaml').is_file():
     partial = workdir / 'data.partial'
     shutil.rmtree(partial, ignore_errors=True)
-    spec = config['synthetic']
+    spec = config.synthetic
     synthetic.write_dataset(
       partial,
-      num_train=spec['num_train'],
-      num_val=spec['num_val'],
-      image_size=spec['image_size'],
-      seed=spec['seed'],
-      polygons=spec['polygons'],
+      num_train=spec.num_train,
+      num_val=spec.num_val,
+      image_size=spec.image_size,
+      seed=spec.seed,
+      polygons=spec.polygons,
     )
     shutil.rmtree(root, ignore_errors=True)
     partial.rename(root)
 
 
 def load_splits(
-  config: dict[str, Any], data_path: Path
+  config: RunConfig, data_path: Path
 ) -> tuple[dataset.YoloDataset, dataset.YoloDataset]:
   """The train and val splits, checked to fill at least one training batch."""
-  strict = config['data']['strict']
+  strict = config.data.strict
   train_data = dataset.load_dataset(data_path, split='train', strict=strict)
   val_data = dataset.load_dataset(data_path, split='val', strict=strict)
-  batch = config['train']['batch_size']
+  batch = config.train.batch_size
   if len(train_data) < batch:
     raise config_lib.ConfigError(
       f'{data_path}: the train split has {len(train_data)} images, fewer than '
@@ -88,7 +89,7 @@ def load_splits(
 
 @dataclasses.dataclass
 class Run:
-  """The pieces of a training run, built once by :func:`train.loop.setup`.
+  """The pieces of a training run, built once by :func:`reorg_jax.program.loop.setup`.
 
   Attributes:
     config: the resolved configuration.
@@ -101,14 +102,14 @@ class Run:
     loss_config: the loss with the run's gains scaled for ``S``.
     train_setup: the static parts of the step.
     state: the initial state (``jax.random.key(seed)``), replicated on the
-      devices; the first step of :func:`train.loop.run` donates (deletes) it.
+      devices; the first step of :func:`reorg_jax.program.loop.run` donates (deletes) it.
     state_sharding: the state's placement (:func:`reorg_jax.training.step.data_parallel`).
     batch_sharding: a batch's placement, split along ``B``.
     step_fn: the jitted step (state donated).
     total_steps: steps the run trains: all epochs, or ``train.max_steps`` if fewer.
   """
 
-  config: dict[str, Any]
+  config: RunConfig
   train_data: dataset.YoloDataset
   val_data: dataset.YoloDataset
   feed: loader.BatchLoader

@@ -1,12 +1,12 @@
 """The program's configuration: the default file, overrides, and checks.
 
-Defaults live in exactly one place: ``train/configs/default.yaml`` for the
-program's options, :class:`reorg_jax.LossConfig` for the loss gains (the
-``loss`` section, :data:`LOSS_OPTIONS`, is filled from its field defaults,
-upstream's values; ``default.yaml`` names only the gains the demo changes,
-each with its reason).
-A run's configuration is those defaults, deep-merged with an optional
-override file and then with command-line overrides given as dotted keys
+Defaults live in exactly one place: ``configs/default.yaml`` (package data of
+:mod:`reorg_jax.program`) for the program's options, :class:`reorg_jax.LossConfig`
+for the loss gains (the ``loss`` section, :data:`LOSS_OPTIONS`, is filled from
+its field defaults, upstream's values; ``default.yaml`` names only the gains
+the demo changes, each with its reason). A run's configuration is those
+defaults (on ``--resume``, the run's own options that may not change over them),
+deep-merged with an optional override file and then with command-line overrides given as dotted keys
 (``train.epochs``). Every key an override names must exist in the defaults,
 so a typo is an error rather than a silently ignored option.
 
@@ -17,7 +17,9 @@ built into :class:`reorg_jax.training.optim.RecipeConfig`,
 whose own checks apply), and the constraints between options that the
 configuration alone decides. A failure is one :class:`ConfigError` line
 naming where the value came from (a file, or the command line), the dotted
-key and the value.
+key and the value. The checked mapping is then resolved once into typed
+sections (:class:`reorg_jax.program.sections.RunConfig`), file paths made
+absolute.
 """
 
 from __future__ import annotations
@@ -35,7 +37,8 @@ import yaml
 from reorg_jax import loss as loss_lib
 from reorg_jax.data import augment
 from reorg_jax.models import yolo
-from reorg_jax.training import optim
+from reorg_jax.program.sections import RunConfig, resolve
+from reorg_jax.training import assembly, optim
 
 __all__ = [
   'DEFAULT_PATH',
@@ -43,7 +46,6 @@ __all__ = [
   'LOSS_OPTIONS',
   'NULLABLE',
   'ConfigError',
-  'augmentation',
   'boxes_per_image',
   'build_model',
   'check',
@@ -56,23 +58,13 @@ __all__ = [
   'load',
   'merge',
   'read_yaml',
-  'recipe',
   'resume_conflicts',
 ]
 
 DEFAULT_PATH = Path(__file__).resolve().parent / 'configs' / 'default.yaml'
 
 # The LossConfig fields that are options of the program (the ``loss`` section).
-LOSS_OPTIONS = (
-  'box',
-  'obj',
-  'cls',
-  'cls_pw',
-  'obj_pw',
-  'anchor_t',
-  'label_smoothing',
-  'aux_weight',
-)
+LOSS_OPTIONS = assembly.GAIN_FIELDS
 
 # Options whose value must not change when a run is resumed.
 FIXED_ON_RESUME = (
@@ -83,10 +75,14 @@ FIXED_ON_RESUME = (
   'train.epochs',
   'train.batch_size',
   'train.image_size',
+  'train.freeze',
   'recipe',
   'augment',
   'loss',
 )
+
+# Options that name files (made absolute by :func:`load`).
+_PATHS = ('data.yaml', 'model.name')
 
 # Options whose default is null, and the type they take otherwise.
 NULLABLE = {'data.yaml': str, 'train.max_steps': int}
@@ -165,12 +161,21 @@ def flatten(tree: dict[str, Any], *, where: str = '') -> dict[str, Any]:
 
 
 def load(
-  *, config_path: str | os.PathLike | None, overrides: dict[str, Any] | None
-) -> dict[str, Any]:
-  """The defaults, then the file at ``config_path``, then ``overrides``, checked.
+  *,
+  config_path: str | os.PathLike | None,
+  overrides: dict[str, Any] | None,
+  saved: str | os.PathLike | None = None,
+) -> RunConfig:
+  """The defaults, then ``saved``, then the file at ``config_path``, then ``overrides``.
+
+  Checked, then resolved into typed sections.
 
   Args:
     config_path: an override YAML file, or ``None``.
+    saved: the ``config.yaml`` of a run being resumed, or ``None``: its
+      :data:`FIXED_ON_RESUME` options become the base, so a resume needs none
+      of them repeated (the others, such as ``train.max_steps``, are the
+      invocation's own).
     overrides: dotted keys to values (``None`` values are skipped: an
       option not given on the command line).
 
@@ -180,6 +185,19 @@ def load(
   """
   config = defaults()
   origins = dict.fromkeys(flatten(config), 'the defaults')
+  if saved is not None:  # the options a resume may not change; the others are per invocation
+    content = dotted(
+      {
+        key: value
+        for key, value in flatten(read_yaml(saved)).items()
+        if any(key == fixed or key.startswith(f'{fixed}.') for fixed in FIXED_ON_RESUME)
+      }
+    )
+    try:
+      config = merge(config, content)
+    except ConfigError as error:
+      raise ConfigError(f'{saved}: {error}') from None
+    origins.update(dict.fromkeys(flatten(content), str(saved)))
   if config_path is not None:
     content = read_yaml(config_path)
     try:
@@ -194,26 +212,27 @@ def load(
     raise ConfigError(f'command line: {error}') from None
   origins.update(dict.fromkeys(given, 'command line'))
   check(config, origins=origins)
-  check_model(config, build_model(config, origins=origins), origins=origins)
-  return config
+  model = build_model(config['model']['name'], origin=origins.get('model.name', 'config'))
+  check_model(config, model, origins=origins)
+  # Files as absolute paths: the run directory's config.yaml then names them from anywhere.
+  for section, key in (path.split('.') for path in _PATHS):
+    if config[section][key] not in (None, 'p6_nano'):
+      config[section][key] = str(Path(config[section][key]).resolve())
+  return resolve(config)
 
 
-def build_model(
-  config: dict[str, Any], *, num_classes: int | None = None, origins: dict[str, str] | None = None
-) -> yolo.YOLO:
+def build_model(name: str, *, num_classes: int | None = None, origin: str = 'config') -> yolo.YOLO:
   """The model ``model.name`` names (``'p6_nano'`` or a model YAML file).
 
   Args:
-    config: the configuration.
+    name: ``'p6_nano'`` or the path of a model YAML.
     num_classes: ``C``; ``None`` keeps the model's own (enough for its geometry).
-    origins: as for :func:`check`.
+    origin: where ``name`` came from (a file, the command line), for the message.
 
   Raises:
     ConfigError: neither ``'p6_nano'`` nor a readable, valid model file (the
       file's problem is named).
   """
-  name = config['model']['name']
-  origin = (origins or {}).get('model.name', 'config')
   if name == 'p6_nano':
     return yolo.p6_nano(num_classes=num_classes)
   if not Path(name).is_file():
@@ -345,6 +364,7 @@ def check(config: dict[str, Any], *, origins: dict[str, str] | None = None) -> N
   ):
     checker.require(key, lambda v: v >= 1, 'must be a positive integer')
   checker.require('train.loader_workers', lambda v: v >= 0, 'must be a non-negative integer')
+  checker.require('train.freeze', lambda v: v >= 0, 'must be a non-negative integer')
   if config['train']['loader_workers'] and config['train']['loader_threads'] > 1:
     raise checker.fail(
       'train.loader_workers',
@@ -387,18 +407,6 @@ def check(config: dict[str, Any], *, origins: dict[str, str] | None = None) -> N
   checker.build('loss', lambda **gains: loss_lib.LossConfig(**geometry, **gains), LOSS_OPTIONS)
 
 
-def recipe(config: dict[str, Any]) -> optim.RecipeConfig:
-  """The run's optimisation recipe."""
-  return optim.RecipeConfig(**config['recipe'])
-
-
-def augmentation(config: dict[str, Any]) -> augment.AugmentConfig | None:
-  """The run's training augmentation, or ``None`` when disabled."""
-  if not config['augment']['enabled']:
-    return None
-  return augment.AugmentConfig(**{k: v for k, v in config['augment'].items() if k != 'enabled'})
-
-
 def get(config: dict[str, Any], key: str) -> Any:
   """The value of a dotted ``key`` (``'train.epochs'``)."""
   value: Any = config
@@ -408,11 +416,26 @@ def get(config: dict[str, Any], key: str) -> Any:
 
 
 def resume_conflicts(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-  """The :data:`FIXED_ON_RESUME` options whose values differ, as ``'key: old -> new'``."""
+  """The :data:`FIXED_ON_RESUME` options whose values differ, as ``'key: old -> new'``.
+
+  An option the saved run does not name (it was written before the option
+  existed) counts with its default; its file paths count as absolute.
+  """
+  reference = defaults()
+
+  def saved_value(key: str) -> Any:
+    try:
+      value = get(saved, key)
+    except (KeyError, TypeError):
+      return get(reference, key)
+    if key in _PATHS and value not in (None, 'p6_nano'):  # written relative by earlier versions
+      return str(Path(value).resolve())
+    return value
+
   return [
-    f'{key}: {get(saved, key)!r} -> {get(current, key)!r}'
+    f'{key}: {saved_value(key)!r} -> {get(current, key)!r}'
     for key in FIXED_ON_RESUME
-    if get(saved, key) != get(current, key)
+    if saved_value(key) != get(current, key)
   ]
 
 
