@@ -137,3 +137,12 @@ def test_deploy_checkpoint_leaves_the_aux_head_fresh(nano_state):
     np.testing.assert_array_equal(after[key], before[key], err_msg=key)
   lead = next(k for k in deploy if '.m.0.weight' in k)
   np.testing.assert_array_equal(after[lead], deploy[lead])
+
+
+def test_deploy_checkpoint_needs_the_training_model(tmp_path, capsys, nano_state):
+  path = tmp_path / 'deploy.pt'
+  deploy = {k: torch.from_numpy(v) for k, v in nano_state.items() if '.m2.' not in k}
+  torch.save({'model': deploy, 'optimizer': None, 'epoch': -1}, path)
+  assert weights.read(path).deploy
+  err = _refused(tmp_path, capsys, '--weights', str(path))
+  assert 'is a deploy checkpoint (IDetect head, no aux head): give --model' in err

@@ -195,8 +195,15 @@ def run(
     resume: continue from the newest checkpoint in ``workdir`` that verifies
       (a fresh start when there is none); without it, a ``workdir`` holding
       checkpoints is an error.
+    start: weights to start from (``--weights``), transferred by name and
+      shape (:func:`reorg_jax.program.weights.transfer`) before anything is
+      written; ``None``: a fresh initialisation from ``jax.random.key(seed)``.
+    allow_partial: go on when fewer than
+      :data:`~reorg_jax.program.weights.PARTIAL_SHARE` of the model's tensors transfer.
 
   Raises:
+    reorg_jax.program.weights.WeightsError: ``start`` transfers nothing, or
+      too little without ``allow_partial``.
     reorg_jax.training.step.NonFiniteError: a step's loss or gradient was not
       finite (nothing from that step is saved).
     reorg_jax.data.dataset.YoloDatasetError: malformed dataset (file and line named).

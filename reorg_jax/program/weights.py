@@ -147,7 +147,7 @@ def read(path: str | os.PathLike, *, use_ema: bool = False) -> Weights:
   kind = 'upstream deploy checkpoint' if deploy else f'upstream {ckpt.kind} checkpoint'
   names = tuple(ckpt.class_names) if ckpt.class_names is not None else None
   spec = None
-  if ckpt.yaml is not None:
+  if ckpt.yaml is not None and not deploy:  # a deploy model (IDetect) is not what trains
     # The anchors the model trained with: autoanchor re-fits the buffers, not the yaml.
     spec = dict(ckpt.yaml)
     if any(key.endswith('.anchor_grid') for key in state):

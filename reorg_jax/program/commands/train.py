@@ -130,6 +130,11 @@ def run(args: argparse.Namespace) -> int:
     start = None
     if args.weights is not None:
       start = weights.read(args.weights)
+      if start.deploy and args.model is None:
+        raise weights.WeightsError(
+          f'--weights {start.path} is a deploy checkpoint (IDetect head, no aux head): give '
+          "--model, the model's training YAML (e.g. upstream's cfg/training/yolov7-w6.yaml)"
+        )
       if args.model is None and isinstance(start.model_yaml, str):  # a run of ours: its name
         overrides['model.name'] = start.model_yaml
       elif args.model is None and start.model_yaml is not None:
