@@ -32,7 +32,7 @@ from reorg_jax.program.sections import RunConfig
 from reorg_jax.training import checkpoint, optim
 from reorg_jax.training import step as train_lib
 
-__all__ = ['Reports', 'Run', 'dataset_yaml', 'load_splits']
+__all__ = ['Reports', 'Run', 'dataset_yaml', 'load_splits', 'write_synthetic']
 
 
 def dataset_yaml(config: RunConfig, *, workdir: Path) -> Path:
@@ -56,19 +56,42 @@ def dataset_yaml(config: RunConfig, *, workdir: Path) -> Path:
 def _write_synthetic(config: RunConfig, *, workdir: Path) -> None:
   root = workdir / 'data'
   if not (root / 'data.yaml').is_file():
-    partial = workdir / 'data.partial'
-    shutil.rmtree(partial, ignore_errors=True)
     spec = config.synthetic
-    synthetic.write_dataset(
-      partial,
+    write_synthetic(
+      root,
       num_train=spec.num_train,
       num_val=spec.num_val,
       image_size=spec.image_size,
       seed=spec.seed,
       polygons=spec.polygons,
     )
-    shutil.rmtree(root, ignore_errors=True)
-    partial.rename(root)
+
+
+def write_synthetic(
+  root: Path, *, num_train: int, num_val: int, image_size: int, seed: int, polygons: bool
+) -> None:
+  """The synthetic dataset at ``root``, written under ``<root>.partial`` and renamed when complete.
+
+  Whatever ``root`` held is replaced; an interrupted write leaves only the partial folder,
+  which the next write removes. Raises ``OSError`` when a write fails (the partial folder
+  is then removed).
+  """
+  partial = root.with_name(root.name + '.partial')
+  shutil.rmtree(partial, ignore_errors=True)
+  try:
+    synthetic.write_dataset(
+      partial,
+      num_train=num_train,
+      num_val=num_val,
+      image_size=image_size,
+      seed=seed,
+      polygons=polygons,
+    )
+  except OSError:
+    shutil.rmtree(partial, ignore_errors=True)
+    raise
+  shutil.rmtree(root, ignore_errors=True)
+  partial.rename(root)
 
 
 def load_splits(

@@ -21,7 +21,6 @@ Exit status: 0 written; 1 a write failed (disk full, read-only); 2 bad input.
 from __future__ import annotations
 
 import argparse
-import shutil
 from pathlib import Path
 
 from reorg_jax.program import runtime
@@ -64,6 +63,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
   """Runs ``data``; returns the exit status (see the module docstring)."""
   from reorg_jax.data import synthetic
+  from reorg_jax.program import pieces
 
   parser = args.kind_parser
   for flag, value in (
@@ -78,22 +78,16 @@ def run(args: argparse.Namespace) -> int:
   out = Path(args.out)
   if out.exists() and not (out.is_dir() and not any(out.iterdir())):
     return runtime.fail(f'--out {out} exists and is not an empty folder', status=2)
-  partial = out.with_name(out.name + '.partial')
   try:
-    shutil.rmtree(partial, ignore_errors=True)
-    synthetic.write_dataset(
-      partial,
+    pieces.write_synthetic(
+      out,
       num_train=args.num_train,
       num_val=args.num_val,
       image_size=args.image_size,
       seed=args.seed,
       polygons=args.polygons,
     )
-    if out.exists():
-      out.rmdir()
-    partial.rename(out)
   except OSError as error:
-    shutil.rmtree(partial, ignore_errors=True)
     return runtime.fail(f'cannot write {out}: {error}', status=1)
   print(
     f'wrote {args.num_train} training and {args.num_val} validation images of '
