@@ -1,6 +1,8 @@
-"""One training step of YOLOv7-W6 on an accelerator: speed, compile time, memory, FLOPs.
+"""One training step of YOLOv7-W6 (and E6E) on an accelerator: speed, compile time, memory, FLOPs.
 
-For each batch size and compute dtype, :func:`reorg_jax.training.step.train_step`
+For each model, batch size, compute dtype and rematerialisation policy
+(``--remat``: :class:`reorg_jax.models.yolo.Remat`, the program's ``train.remat``),
+:func:`reorg_jax.training.step.train_step`
 (forward, lead-guided assignment and loss, backward, optimiser, EMA; the state
 donated, as ``python -m train`` runs it) is compiled ahead of time on one
 device and timed on a random batch (uint8 images, ``boxes`` random boxes per
@@ -26,12 +28,21 @@ mixed precision (float16 autocast and a gradient scaler), as ``train_aux.py``
 trains. Its rows are matched with ours of the same batch (our bfloat16 with
 its AMP) and the ratio ``ours / upstream`` of images/s is printed.
 
-Without an accelerator the full run would take hours, so the default run then
-prints only the memory analysis of the W6 step at 1280 px and batch 16 (compile
-only). ``--smoke`` runs everything at a tiny size (the small model at 64 px,
-batch 2) on whatever device there is; a CI test runs it.
+Memory: under the table, XLA's memory analysis per model, policy and dtype
+(GiB) beside the training memory mmyolo publishes per A100 for its YOLOv7 P6
+models at 1280 px and batch 16 with automatic mixed precision
+(:data:`MMYOLO_GB`: W-P6 27.0 GB, E-P6 42.5 GB; its E-P6 is YOLOv7-E6, and
+it gives no figure for E6E, which is larger).
 
-    python benchmarks/device_step.py               # W6, 1280 px, batch 8 and 16, bf16 and f32
+Without an accelerator the full run would take hours, so the default run then
+compiles only, printing the memory analysis of W6 and E6E at 1280 px and
+batch 16 for each policy and dtype, and then measures what each policy costs
+in time on this CPU at a small size (``--cost-*``: the small model at 128 px,
+batch 4, float32, median of ``--cost-repeats`` steps; a CPU figure, not an
+accelerator's). ``--smoke`` runs everything at a tiny size (the small model at
+64 px, batch 2) on whatever device there is; a CI test runs it.
+
+    python benchmarks/device_step.py               # W6 and E6E, 1280 px, batch 8 and 16, ...
     python benchmarks/device_step.py --memory-only # XLA's memory analysis only (any backend)
     python benchmarks/device_step.py --smoke       # tiny, any backend
 """
@@ -69,17 +80,27 @@ PEAK_TFLOPS = {
 
 _GIB = 2.0**30
 
+# Training memory per A100 (GB, automatic mixed precision) that mmyolo publishes for its
+# YOLOv7 P6 models at 1280 px and batch 16 per GPU (8 GPUs x 16): W-P6 and E-P6 (YOLOv7-E6).
+MMYOLO_GB = {'w6': 27.0, 'e6': 42.5}
+
+# The upstream training files of the P6 models this script can build (besides 'nano').
+P6_MODELS = ('w6', 'e6', 'd6', 'e6e')
+REMATS = ('none', 'blocks', 'full')
+
 
 @dataclasses.dataclass(frozen=True)
 class Case:
   """One measured configuration.
 
   Attributes:
-    model: ``'w6'`` (upstream's ``yolov7-w6.yaml``) or ``'nano'`` (``p6_nano``).
+    model: one of :data:`P6_MODELS` (upstream's ``yolov7-<model>.yaml``) or
+      ``'nano'`` (``p6_nano``).
     image_size: ``S``.
     batch_size: ``B`` on the one device.
     dtype: ``'bfloat16'`` or ``'float32'`` (forward compute dtype).
     num_classes: ``C``.
+    remat: a :class:`reorg_jax.models.yolo.Remat` value (what the backward pass recomputes).
   """
 
   model: str
@@ -87,12 +108,14 @@ class Case:
   batch_size: int
   dtype: str
   num_classes: int
+  remat: str = 'none'
 
 
-def _w6_path() -> pathlib.Path:
+def _config_path(model: str) -> pathlib.Path:
+  """Upstream's training file of a P6 model (``'w6'``: ``yolov7-w6.yaml``)."""
   import sas_yolov7
 
-  return pathlib.Path(sas_yolov7.__file__).parent / 'cfg' / 'training' / 'yolov7-w6.yaml'
+  return pathlib.Path(sas_yolov7.__file__).parent / 'cfg' / 'training' / f'yolov7-{model}.yaml'
 
 
 def random_batch(case: Case, *, boxes: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -121,6 +144,9 @@ def random_batch(case: Case, *, boxes: int, seed: int) -> tuple[np.ndarray, np.n
 # --- Ours ----------------------------------------------------------------------------------------
 
 
+_INITIAL: dict[tuple[str, int], Any] = {}
+
+
 def _ours_setup(case: Case, *, smoke: bool):
   """``(model, setup, state)`` of ``case`` on the default device."""
   import jax
@@ -129,20 +155,28 @@ def _ours_setup(case: Case, *, smoke: bool):
   from reorg_jax.models import yolo
   from reorg_jax.training import assembly, optim
 
-  if case.model == 'w6':
-    model = yolo.build_model(_w6_path(), num_classes=case.num_classes)
-  else:
+  if case.model == 'nano':
     model = yolo.p6_nano(num_classes=case.num_classes)
+  else:
+    model = yolo.build_model(_config_path(case.model), num_classes=case.num_classes)
   # The smoke run compiles the simplest capacity ladder (a speed setting only).
   speed = {'capacity_fractions': (), 'batch_groups': 1} if smoke else {}
   schedule = optim.Schedule(epochs=1, batch_size=case.batch_size, steps_per_epoch=1000)
+  # One initialisation per model (on the host): the dtypes and policies share it. The
+  # values do not depend on the side of the dummy image, so the smallest one does.
+  key = (case.model, case.num_classes)
+  if key not in _INITIAL:
+    side = 2 * model.max_stride
+    variables = assembly.initial_variables(model, image_size=side, rng=jax.random.key(0))
+    _INITIAL[key] = jax.device_get(variables)
   run = assembly.assemble(
     model,
     image_size=case.image_size,
     schedule=schedule,
     gains=speed,
-    rng=jax.random.key(0),
     compute_dtype=jnp.dtype(case.dtype),
+    variables=jax.tree.map(jnp.asarray, _INITIAL[key]),  # fresh arrays: the step donates them
+    remat=yolo.Remat(case.remat),
   )
   return run.setup, run.state, schedule
 
@@ -245,7 +279,7 @@ def measure_upstream(case: Case, *, boxes: int, repeats: int) -> dict:
     from reorg_jax.reference import oracle
 
     reference = oracle.reference_loss_module()
-  raw = yolo.load_config(_w6_path() if case.model == 'w6' else yolo.NANO_CONFIG)
+  raw = yolo.load_config(yolo.NANO_CONFIG if case.model == 'nano' else _config_path(case.model))
   raw['nc'] = case.num_classes
   torch.manual_seed(0)
   model = Model(raw).to(device)
@@ -331,12 +365,16 @@ def plan(spec: dict, *, accelerator: bool) -> tuple[list[Case], bool]:
 
   Off an accelerator, outside ``--smoke``, only the largest batch is compiled
   (for the memory analysis): running W6 at 1280 px on a CPU takes hours.
+  ``spec`` names one ``model`` or several ``models``, and optionally the
+  ``remats`` (default ``['none']``).
   """
   run = (accelerator or spec['smoke'] or spec['run']) and not spec['memory_only']
   batches = spec['batches'] if run or spec['smoke'] else [max(spec['batches'])]
   cases = [
-    Case(spec['model'], spec['image_size'], b, d, spec['num_classes'])
+    Case(m, spec['image_size'], b, d, spec['num_classes'], r)
+    for m in spec.get('models', [spec.get('model')])
     for b in batches
+    for r in spec.get('remats', ['none'])
     for d in spec['dtypes']
   ]
   return cases, run
@@ -345,6 +383,12 @@ def plan(spec: dict, *, accelerator: bool) -> tuple[list[Case], bool]:
 def _worker(argv: list[str]) -> None:
   """``--worker ours|upstream SPEC_JSON``: prints ``DEVICE``, then one ``ROW`` line per case."""
   framework, spec = argv[0], json.loads(argv[1])
+  if framework == 'cost':  # our step on this machine, run, whatever the backend
+    for remat in spec['remats']:
+      case = Case('nano', spec['image_size'], spec['batch'], 'float32', spec['num_classes'], remat)
+      row = measure_ours(case, boxes=spec['boxes'], repeats=spec['repeats'], run=True, smoke=False)
+      print('ROW ' + json.dumps(row), flush=True)
+    return
   if framework == 'ours':
     import jax
 
@@ -358,10 +402,11 @@ def _worker(argv: list[str]) -> None:
       )
       print('ROW ' + json.dumps(row), flush=True)
     return
-  for batch_size in spec['batches']:  # one row per batch: AMP on CUDA, float32 on a CPU
-    case = Case(spec['model'], spec['image_size'], batch_size, 'float32', spec['num_classes'])
-    row = measure_upstream(case, boxes=spec['boxes'], repeats=spec['repeats'])
-    print('ROW ' + json.dumps(row), flush=True)
+  for model in spec.get('models', [spec.get('model')]):
+    for batch_size in spec['batches']:  # one row per batch: AMP on CUDA, float32 on a CPU
+      case = Case(model, spec['image_size'], batch_size, 'float32', spec['num_classes'])
+      row = measure_upstream(case, boxes=spec['boxes'], repeats=spec['repeats'])
+      print('ROW ' + json.dumps(row), flush=True)
 
 
 def _in_own_process(framework: str, spec: dict, *, timeout: float) -> tuple[dict, list[dict]]:
@@ -386,9 +431,9 @@ def _fmt(value: float | None, spec: str, scale: float = 1.0) -> str:
 def print_rows(rows: list[dict], *, device_kind: str) -> None:
   """The table (and the ours / upstream ratios)."""
   print(
-    f'{"framework":<13} {"model":<5} {"size":>5} {"batch":>5} {"dtype":<9} {"img/s":>8} '
-    f'{"step ms":>9} {"compile s":>9} {"peak GiB":>8} {"xla GiB":>8} {"TFLOP/step":>10} '
-    f'{"% peak":>6}'
+    f'{"framework":<13} {"model":<5} {"size":>5} {"batch":>5} {"dtype":<9} {"remat":<6} '
+    f'{"img/s":>8} {"step ms":>9} {"compile s":>9} {"peak GiB":>8} {"xla GiB":>8} '
+    f'{"TFLOP/step":>10} {"% peak":>6}'
   )
   for r in rows:
     step = r.get('step_s')
@@ -398,23 +443,79 @@ def print_rows(rows: list[dict], *, device_kind: str) -> None:
     if r['flops'] and step and peak:
       achieved = 100 * r['flops'] / step / (peak * 1e12)
     dtype = 'amp fp16' if r['framework'] == 'upstream amp' else r['dtype']
+    remat = r.get('remat', 'none') if r['framework'] == 'ours' else '-'
     print(
       f'{r["framework"]:<13} {r["model"]:<5} {r["image_size"]:>5} {r["batch_size"]:>5} '
-      f'{dtype:<9} {_fmt(rate, ".1f"):>8} {_fmt(step, ".1f", 1e-3):>9} '
+      f'{dtype:<9} {remat:<6} {_fmt(rate, ".1f"):>8} {_fmt(step, ".1f", 1e-3):>9} '
       f'{r["compile_s"]:>9.1f} {_fmt(r.get("peak_bytes"), ".2f", _GIB):>8} '
       f'{_fmt(r["xla_bytes"], ".2f", _GIB):>8} {_fmt(r["flops"], ".3g", 1e12):>10} '
       f'{_fmt(achieved, ".1f"):>6}'
     )
-  theirs = {r['batch_size']: r for r in rows if r['framework'].startswith('upstream')}
+  theirs = {(r['model'], r['batch_size']): r for r in rows if r['framework'].startswith('upstream')}
   for r in rows:
-    other = theirs.get(r['batch_size'])
+    other = theirs.get((r['model'], r['batch_size']))
     if r['framework'] != 'ours' or other is None or r.get('step_s') is None:
       continue
     if other['dtype'] != r['dtype'] and r['dtype'] != 'bfloat16':
       continue  # upstream's AMP is compared with our bfloat16
     print(
-      f'ours {r["dtype"]} / upstream {"amp" if "amp" in other["framework"] else other["dtype"]}'
+      f'ours {r["dtype"]} remat {r.get("remat", "none")} / upstream '
+      f'{"amp" if "amp" in other["framework"] else other["dtype"]}'
       f' at batch {r["batch_size"]}: {other["step_s"] / r["step_s"]:.2f}x images/s'
+    )
+
+
+def print_memory(rows: list[dict]) -> None:
+  """XLA's memory analysis (GiB) per model, batch and policy, bfloat16 and float32, beside
+  mmyolo's published training memory (:data:`MMYOLO_GB`)."""
+  ours = [r for r in rows if r['framework'] == 'ours' and r['xla_bytes'] is not None]
+  keys = list(dict.fromkeys((r['model'], r['image_size'], r['batch_size']) for r in ours))
+  if not keys:
+    return
+  print()
+  print(
+    'XLA memory analysis of the step (GiB: arguments + outputs + temporaries - donated), '
+    'beside mmyolo (GB per A100, AMP, 1280 px, batch 16)'
+  )
+  print(
+    f'{"model":<5} {"size":>5} {"batch":>5} {"remat":<6} {"bfloat16":>9} {"float32":>9} '
+    f'{"mmyolo":>14}'
+  )
+  for model, size, batch in keys:
+    same = [
+      r for r in ours if (r['model'], r['image_size'], r['batch_size']) == (model, size, batch)
+    ]
+    for remat in dict.fromkeys(r.get('remat', 'none') for r in same):
+      by_dtype = {r['dtype']: r['xla_bytes'] for r in same if r.get('remat', 'none') == remat}
+      reference = 'n/a'
+      if (size, batch) == (1280, 16) and model in MMYOLO_GB:
+        reference = f'{MMYOLO_GB[model]:.1f}'
+      elif (size, batch) == (1280, 16) and model == 'e6e':
+        reference = f'({MMYOLO_GB["e6"]:.1f}: E6)'
+      print(
+        f'{model:<5} {size:>5} {batch:>5} {remat:<6} '
+        f'{_fmt(by_dtype.get("bfloat16"), ".2f", _GIB):>9} '
+        f'{_fmt(by_dtype.get("float32"), ".2f", _GIB):>9} {reference:>14}'
+      )
+
+
+def print_cost(rows: list[dict], *, repeats: int) -> None:
+  """The CPU step time of each policy, and its ratio to ``none``'s."""
+  if not rows:
+    return
+  first = rows[0]
+  print()
+  print(
+    f'Step time by policy on this CPU ({first["model"]}, {first["image_size"]} px, batch '
+    f'{first["batch_size"]}, {first["dtype"]}, median of {repeats} steps; a CPU figure)'
+  )
+  base = next((r['step_s'] for r in rows if r['remat'] == 'none'), None)
+  print(f'{"remat":<6} {"step ms":>9} {"vs none":>8} {"compile s":>9} {"xla GiB":>8}')
+  for r in rows:
+    ratio = None if base is None else r['step_s'] / base
+    print(
+      f'{r["remat"]:<6} {r["step_s"] * 1e3:>9.1f} {_fmt(ratio, ".2f"):>8} '
+      f'{r["compile_s"]:>9.1f} {_fmt(r["xla_bytes"], ".3f", _GIB):>8}'
     )
 
 
@@ -426,27 +527,39 @@ def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--smoke', action='store_true', help='the small model at 64 px (CI)')
   parser.add_argument('--memory-only', action='store_true', help='compile only: memory, FLOPs')
+  parser.add_argument('--models', nargs='+', default=['w6', 'e6e'], choices=P6_MODELS)
   parser.add_argument('--batches', type=int, nargs='+', default=[8, 16])
   parser.add_argument('--dtypes', nargs='+', default=['bfloat16', 'float32'])
+  parser.add_argument(
+    '--remat', nargs='+', default=list(REMATS), choices=REMATS, help='train.remat policies'
+  )
   parser.add_argument('--image-size', type=int, default=1280)
   parser.add_argument('--boxes', type=int, default=20, help='boxes per image')
   parser.add_argument('--repeats', type=int, default=10)
   parser.add_argument('--no-upstream', action='store_true', help='skip the reference step')
-  parser.add_argument('--timeout', type=float, default=1800.0, help='seconds per worker process')
+  parser.add_argument(
+    '--no-cost', action='store_true', help="skip the policies' step time on the CPU"
+  )
+  parser.add_argument('--cost-size', type=int, default=128, help='image side of the CPU timing')
+  parser.add_argument('--cost-batch', type=int, default=4)
+  parser.add_argument('--cost-repeats', type=int, default=5)
+  parser.add_argument('--timeout', type=float, default=7200.0, help='seconds per worker process')
   args = parser.parse_args(argv)
   for dtype in args.dtypes:
     if dtype not in ('bfloat16', 'float32'):
       parser.error(f'--dtypes: bfloat16 or float32, got {dtype!r}')
 
   if args.smoke:
-    model, size, batches, classes, repeats = 'nano', 64, [2], 6, 2
+    models, size, batches, classes, repeats = ['nano'], 64, [2], 6, 2
   else:
-    model, size, batches, classes, repeats = 'w6', args.image_size, args.batches, 80, args.repeats
+    models, size, batches, classes = args.models, args.image_size, args.batches, 80
+    repeats = args.repeats
   spec = {
-    'model': model,
+    'models': models,
     'image_size': size,
     'batches': batches,
     'dtypes': args.dtypes,
+    'remats': args.remat,
     'num_classes': classes,
     'boxes': args.boxes,
     'repeats': repeats,
@@ -471,6 +584,17 @@ def main(argv: list[str] | None = None) -> int:
     else:
       rows += _in_own_process('upstream', spec, timeout=args.timeout)[1]
   print_rows(rows, device_kind=device['kind'])
+  print_memory(rows)
+  if not (args.smoke or args.memory_only or args.no_cost or device['platform'] != 'cpu'):
+    cost = {
+      'remats': args.remat,
+      'image_size': args.cost_size,
+      'batch': args.cost_batch,
+      'num_classes': 80,
+      'boxes': args.boxes,
+      'repeats': args.cost_repeats,
+    }
+    print_cost(_in_own_process('cost', cost, timeout=args.timeout)[1], repeats=args.cost_repeats)
   return 0
 
 

@@ -15,7 +15,9 @@ order of the parts and the rules between them exist once:
 * :func:`assemble` -- :class:`Assembly`: that loss, the optimiser and EMA of
   the ``schedule``, the static :class:`~reorg_jax.training.step.TrainSetup` and
   the initial :class:`~reorg_jax.training.step.TrainState` (fresh from a key,
-  or from given variables), plus :meth:`Assembly.jit_step`.
+  or from given variables), plus :meth:`Assembly.jit_step`; ``remat`` picks
+  what the step's backward pass recomputes to save memory
+  (:class:`~reorg_jax.models.yolo.Remat`).
 * :func:`state_template` -- the state's structure, shapes and dtypes only
   (nothing computed), which :class:`reorg_jax.training.checkpoint.Checkpoints`
   needs as ``like`` to restore a checkpoint: restoring for inference builds
@@ -40,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from reorg_jax.loss import LossConfig, upstream_balance
-from reorg_jax.models.yolo import YOLO
+from reorg_jax.models.yolo import YOLO, Remat
 from reorg_jax.training import optim
 from reorg_jax.training import step as step_lib
 
@@ -147,6 +149,7 @@ def assemble(
   compute_dtype: Any = jnp.float32,
   variables: Mapping[str, Any] | None = None,
   frozen_layers: int = 0,
+  remat: Remat | None = None,
 ) -> Assembly:
   """A run's loss, optimiser, setup and initial state.
 
@@ -161,6 +164,9 @@ def assemble(
     variables: start from these ``{'params', 'batch_stats'}`` instead.
     frozen_layers: the first this many layers get no update (upstream's
       ``--freeze``).
+    remat: what the step's backward pass recomputes rather than keeps
+      (:class:`~reorg_jax.models.yolo.Remat`: less memory, more work, the same
+      values); ``None``: the step's default, nothing recomputed.
   """
   config = loss_config(model, image_size=image_size, gains=gains)
   setup, state = step_lib.create_train_state(
@@ -172,6 +178,7 @@ def assemble(
     compute_dtype=compute_dtype,
     variables=variables,
     **({'frozen_layers': frozen_layers} if frozen_layers else {}),
+    **({'remat': remat} if remat is not None else {}),
   )
   return Assembly(model=model, schedule=schedule, loss_config=config, setup=setup, state=state)
 

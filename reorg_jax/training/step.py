@@ -21,6 +21,15 @@ decay, no momentum) and their EMA stays put. Their BatchNorm statistics still
 follow the batches, as upstream's do in training mode. :func:`num_layers`
 gives the largest ``N``.
 
+Memory: ``create_train_state(..., remat=...)`` chooses what the backward
+pass recomputes rather than keeps (:class:`reorg_jax.models.yolo.Remat`, by
+blocks of layers; :func:`reorg_jax.models.yolo.apply_train`): the same
+losses, gradients and statistics, less memory, more work. In bfloat16
+(``compute_dtype``) the parameters, their gradients, the optimiser state and
+the EMA stay float32: the step casts the float32 parameters to bfloat16 once,
+runs the network on the cast copy and takes the gradient back through that
+cast; the loss is float32.
+
 Data parallelism: :func:`data_parallel` places a batch on a
 ``jax.sharding.Mesh`` along its ``'data'`` axis and the state replicated;
 the same jitted step then runs on one device or many, the loss being the
@@ -40,7 +49,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from reorg_jax.loss import LossConfig, aux_ota_loss
-from reorg_jax.models.yolo import YOLO, unit_images
+from reorg_jax.models.yolo import YOLO, Remat, apply_train, unit_images
 from reorg_jax.targets import Targets
 from reorg_jax.training import ema as ema_lib
 from reorg_jax.training import optim, sgd
@@ -55,6 +64,7 @@ __all__ = [
   'create_train_state',
   'data_parallel',
   'jit_train_step',
+  'loss_and_gradients',
   'num_layers',
   'place',
   'process_shard',
@@ -107,6 +117,8 @@ class TrainSetup:
     recipe: EMA constants.
     compute_dtype: dtype of the forward pass (``jnp.bfloat16`` runs the
       network in bfloat16 with float32 parameters; the loss is float32).
+    remat: what the backward pass recomputes rather than keeps (memory only;
+      see :func:`reorg_jax.models.yolo.apply_train`).
     frozen_layers: upstream's ``--freeze N``: the parameters of layers
       ``0 .. N-1`` stay as they are (the optimiser was built with the same ``N``).
   """
@@ -117,6 +129,7 @@ class TrainSetup:
   image_hw: tuple[int, int] = flax.struct.field(pytree_node=False)
   recipe: optim.RecipeConfig = flax.struct.field(pytree_node=False)
   compute_dtype: Any = flax.struct.field(pytree_node=False)
+  remat: Remat = flax.struct.field(pytree_node=False)
   frozen_layers: int = flax.struct.field(pytree_node=False, default=0)
 
 
@@ -139,6 +152,7 @@ def create_train_state(
   compute_dtype: Any = jnp.float32,
   variables: Mapping[str, Any] | None = None,
   frozen_layers: int = 0,
+  remat: Remat = Remat.NONE,
 ) -> tuple[TrainSetup, TrainState]:
   """Initialises (or takes) the variables and builds optimiser, EMA and setup.
 
@@ -154,6 +168,7 @@ def create_train_state(
       upstream weights) instead of a fresh initialisation.
     frozen_layers: upstream's ``--freeze N``: layers ``0 .. N-1`` are not
       trained (see the module docstring); at most :func:`num_layers`.
+    remat: what the backward pass recomputes (:class:`reorg_jax.models.yolo.Remat`).
 
   Raises:
     ValueError: ``frozen_layers`` is negative or exceeds the model's layers
@@ -186,6 +201,7 @@ def create_train_state(
     image_hw=(image_size, image_size),
     recipe=schedule.recipe,
     compute_dtype=compute_dtype,
+    remat=remat,
     frozen_layers=frozen_layers,
   )
   return setup, state
@@ -270,29 +286,9 @@ def train_step(
     ``finite`` (loss and gradient were finite; if not, the returned state is
     the old one with only ``step`` advanced).
   """
-  images = batch['images']
-  if jnp.issubdtype(images.dtype, jnp.integer):
-    images = unit_images(images)
   targets: Targets = batch['targets']
   hparams: optim.HyperParams = batch['hparams']
-  frozen = sgd.frozen_mask(state.params, setup.frozen_layers) if setup.frozen_layers else None
-
-  def objective(params):
-    if frozen is not None:  # no gradient for frozen layers (torch's requires_grad=False)
-      params = jax.tree.map(lambda skip, p: jax.lax.stop_gradient(p) if skip else p, frozen, params)
-    cast = jax.tree.map(lambda p: p.astype(setup.compute_dtype), params)
-    outputs, updates = setup.model.apply(
-      {'params': cast, 'batch_stats': state.batch_stats},
-      images.astype(setup.compute_dtype),
-      train=True,
-      mutable=['batch_stats'],
-    )
-    outputs = [o.astype(jnp.float32) for o in outputs]
-    loss, parts = loss_fn(outputs, targets, setup.image_hw, setup.loss_config)
-    return loss, (parts, updates['batch_stats'])
-
-  (loss, (parts, batch_stats)), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
-  batch_stats = jax.tree.map(lambda new, old: new.astype(old.dtype), batch_stats, state.batch_stats)
+  loss, parts, grads, batch_stats = loss_and_gradients(setup, state, batch, loss_fn=loss_fn)
   finite = jnp.isfinite(loss) & _all_finite(grads)
   updated, stepped = apply_update(
     setup, state, grads=grads, batch_stats=batch_stats, hparams=hparams
@@ -308,6 +304,55 @@ def train_step(
     'finite': finite,
   }
   return new_state, metrics
+
+
+def loss_and_gradients(
+  setup: TrainSetup,
+  state: TrainState,
+  batch: Mapping[str, Any],
+  *,
+  loss_fn: LossFn = aux_ota_loss,
+) -> tuple[jax.Array, dict[str, jax.Array], Any, Any]:
+  """The forward and backward pass of :func:`train_step`, without the update.
+
+  Args:
+    setup: static parts (see :class:`TrainSetup`); ``setup.remat`` decides
+      what the backward pass recomputes, not the values.
+    state: the current state (its ``params`` and ``batch_stats``).
+    batch: ``images`` and ``targets`` as :func:`train_step` takes them
+      (``hparams`` is not read).
+    loss_fn: as in :func:`train_step`.
+
+  Returns:
+    ``(loss, parts, grads, batch_stats)``: the loss, the parts ``loss_fn``
+    returns, the gradient of the loss with respect to ``state.params``
+    (float32, zero for frozen layers) and the new BatchNorm statistics
+    (dtypes of ``state.batch_stats``).
+  """
+  images = batch['images']
+  if jnp.issubdtype(images.dtype, jnp.integer):
+    images = unit_images(images)
+  targets: Targets = batch['targets']
+  frozen = sgd.frozen_mask(state.params, setup.frozen_layers) if setup.frozen_layers else None
+
+  def objective(params):
+    if frozen is not None:  # no gradient for frozen layers (torch's requires_grad=False)
+      params = jax.tree.map(lambda skip, p: jax.lax.stop_gradient(p) if skip else p, frozen, params)
+    # The one cast of the step: the network reads (and, under remat, keeps) this copy.
+    cast = jax.tree.map(lambda p: p.astype(setup.compute_dtype), params)
+    outputs, batch_stats = apply_train(
+      setup.model,
+      {'params': cast, 'batch_stats': state.batch_stats},
+      images.astype(setup.compute_dtype),
+      remat=setup.remat,
+    )
+    outputs = [o.astype(jnp.float32) for o in outputs]
+    loss, parts = loss_fn(outputs, targets, setup.image_hw, setup.loss_config)
+    return loss, (parts, batch_stats)
+
+  (loss, (parts, batch_stats)), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
+  batch_stats = jax.tree.map(lambda new, old: new.astype(old.dtype), batch_stats, state.batch_stats)
+  return loss, parts, grads, batch_stats
 
 
 def jit_train_step(setup: TrainSetup, *, state_sharding: Any = None):
