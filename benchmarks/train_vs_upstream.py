@@ -84,6 +84,7 @@ from typing import Any
 import numpy as np
 
 from reorg_jax.program.sections import RunConfig
+from reorg_jax.reference.step_check import one_rounding_away
 
 _ROOT = pathlib.Path(__file__).resolve().parents[1]
 _TESTS = _ROOT / 'tests'
@@ -186,23 +187,6 @@ def initial_state_dict(pieces: Any) -> dict[str, np.ndarray]:
 
   exported = convert.export_state_dict(pieces.model, pieces.state.variables(use_ema=False))
   return {k: np.asarray(v) for k, v in exported.items()}
-
-
-def one_rounding_away(state: dict[str, np.ndarray], *, seed: int) -> dict[str, np.ndarray]:
-  """``state`` with every float32 value moved one ulp up or down (random signs from ``seed``).
-
-  Other tensors (integer counters) and the anchors, which are fixed, are
-  returned unchanged.
-  """
-  rng = np.random.default_rng([seed, 0x5E1F])
-  moved = {}
-  for key, value in state.items():
-    if value.dtype != np.float32 or 'anchor' in key:
-      moved[key] = value
-      continue
-    toward = np.where(rng.random(value.shape) < 0.5, -np.inf, np.inf).astype(np.float32)
-    moved[key] = np.nextafter(value, toward)
-  return moved
 
 
 def write_csv(path: pathlib.Path, columns: tuple[str, ...], rows: list[dict[str, Any]]) -> None:

@@ -26,14 +26,17 @@ from the *same* trained state:
    float64.
 5. **Ours**: :func:`reorg_jax.program.loop.setup`'s jitted step on a
    :class:`~reorg_jax.training.step.TrainState` imported from the same state
-   (:func:`state_from_snapshot`), for the same iterations and batches
-   (``ours/``).
+   (:func:`reorg_jax.reference.step_check.state_from_snapshot`), for the same
+   iterations and batches (``ours/``).
 6. **Ours in float64**: the same step with ``jax_enable_x64``, the state and
    the forward pass in float64 (the head outputs enter the loss in float32,
    as in training), in a process of its own (``ours64/``). Against (4) it
    shows whether the two steps are the same arithmetic, apart from float32.
 
-Upstream's sides run in one process, ours in another. Each side is compared
+Upstream's sides run in one process, ours in another. The sides (2) to (6),
+their worker processes and the comparison are :mod:`reorg_jax.reference.step_check`'s,
+which ``reorg-jax verify`` runs from the user's weights; this script adds
+the upstream run to iteration ``N`` and the ulp baseline. Each side is compared
 with a reference side: every step's loss parts (``losses.csv``), and per
 tensor the change of the weights, of the BatchNorm statistics and of the EMA
 over the ``--steps`` iterations (``tensors.csv``: the norm of the difference
@@ -62,21 +65,19 @@ import argparse
 import functools
 import importlib.util
 import json
-import os
 import pathlib
 import subprocess
 import sys
 import time
-import warnings
 from typing import Any
 
 import numpy as np
 
 from reorg_jax.program.sections import RunConfig
+from reorg_jax.reference import step_check
 
 _HERE = pathlib.Path(__file__).resolve().parent
-_ROOT = _HERE.parent
-PARTS = ('loss', 'box', 'obj', 'cls')
+PARTS = step_check.PARTS
 WORKERS = ('upstream', 'ours', 'ours64')
 
 
@@ -101,7 +102,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     help='workers to (re)run, comma-separated, of upstream (sides 1 to 4), ours and ours64; '
     'the others are read from --out (e.g. ours,ours64 after a change of ours)',
   )
-  parser.add_argument('--worker', choices=WORKERS, help=argparse.SUPPRESS)
+  parser.add_argument('--worker', choices=WORKERS[:1], help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
   if args.at < 0 or args.steps < 1:
     parser.error(f'--at must be >= 0 and --steps >= 1, got {args.at} and {args.steps}')
@@ -111,243 +112,48 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
   return args
 
 
-# --- The sides --------------------------------------------------------------------------------
-
-
-def _save_side(side: pathlib.Path, steps: list[dict[str, float]], raw: Any, ema: Any) -> None:
-  side.mkdir(parents=True, exist_ok=True)
-  _harness().write_csv(side / 'steps.csv', ('step', 'epoch', *PARTS, 'lr'), steps)
-  np.savez(
-    side / 'weights.npz',
-    **{f'raw/{k}': np.asarray(v) for k, v in raw.items()},
-    **{f'ema/{k}': np.asarray(v) for k, v in ema.items()},
-  )
-
-
 def run_upstream(config: RunConfig, out: pathlib.Path, *, at: int, steps: int) -> None:
   """Sides (1) to (4); writes ``snapshot.npz`` and their folders."""
-  import upstream_train_aux
-
   from reorg_jax.program import loop
+  from reorg_jax.reference import train_aux
 
   harness = _harness()
   pieces = loop.setup(config, data_path=pathlib.Path(config.data.yaml))
-  common = {
-    'feed': pieces.feed,
-    'val_feed': pieces.val_feed,
-    'schedule': pieces.schedule,
-    'num_classes': pieces.num_classes,
-    'total': at + steps,
-  }
   try:
     start = harness.initial_state_dict(pieces)
     started = time.perf_counter()
-    whole = upstream_train_aux.train(config, start=start, snapshot_at=at, **common)
+    whole = train_aux.train(
+      config,
+      start=start,
+      feed=pieces.feed,
+      val_feed=pieces.val_feed,
+      schedule=pieces.schedule,
+      num_classes=pieces.num_classes,
+      total=at + steps,
+      snapshot_at=at,
+    )
     seconds = time.perf_counter() - started
     state = whole.snapshot
-    np.savez(out / 'snapshot.npz', **state)
-    moved = harness.one_rounding_away(
+    np.savez(out / step_check.SNAPSHOT, **state)
+    moved = step_check.one_rounding_away(
       {k: v for k, v in state.items() if k.startswith('model/')}, seed=config.seed
     )
     (out / 'perturbed').mkdir(parents=True, exist_ok=True)
     np.savez(out / 'perturbed' / 'start.npz', **moved)
+    continued = functools.partial(step_check.upstream_steps, config, pieces, steps=steps)
     runs = {
       'upstream': whole,
-      'resumed': upstream_train_aux.train(config, start=start, resume=state, **common),
-      'perturbed': upstream_train_aux.train(
-        config, start=start, resume={**state, **moved}, **common
-      ),
-      'float64': upstream_train_aux.train(
-        config, start=start, resume=state, float64=True, **common
-      ),
+      'resumed': continued(state),
+      'perturbed': continued({**state, **moved}),
+      'float64': continued(state, float64=True),
     }
   finally:
     pieces.close()
   for name, result in runs.items():
-    _save_side(out / name, [r for r in result.steps if r['step'] >= at], result.raw, result.ema)
+    step_check.save_side(
+      out / name, [r for r in result.steps if r['step'] >= at], result.raw, result.ema
+    )
   (out / 'upstream' / 'timing.json').write_text(json.dumps({'seconds': seconds, 'steps': at}))
-
-
-def state_from_snapshot(pieces: Any, state: dict[str, np.ndarray]) -> Any:
-  """Our :class:`~reorg_jax.training.step.TrainState` equal to upstream's ``state``.
-
-  Weights and BatchNorm statistics, the EMA, the momentum buffers and the
-  accumulated gradient go through :func:`reorg_jax.models.convert.import_state_dict`
-  (the buffers and gradient in the parameters' places); ``step`` and the
-  optimiser's update count come from ``state``. The step of the last update
-  is set as if every iteration ``ni`` with ``ni % accumulate == 0`` stepped,
-  which only the other step rule (``step_since_last``, refused by the
-  comparison) reads.
-
-  Args:
-    pieces: the run's :func:`reorg_jax.program.loop.setup`.
-    state: :func:`upstream_train_aux.snapshot` arrays.
-  """
-  import jax.numpy as jnp
-
-  from reorg_jax.models import convert
-  from reorg_jax.training import sgd
-  from reorg_jax.training import step as train_lib
-
-  def part(prefix: str) -> dict[str, np.ndarray]:
-    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-
-  model_state = part('model/')
-  raw = convert.import_state_dict(pieces.model, model_state)
-  ema = convert.import_state_dict(pieces.model, part('ema/'))
-  momentum = convert.import_state_dict(pieces.model, {**model_state, **part('momentum/')})
-  grads = convert.import_state_dict(pieces.model, {**model_state, **part('grad/')})
-  step = int(state['step'])
-  accumulate = pieces.schedule.accumulate
-  opt_state = pieces.state.opt_state._replace(
-    sgd=sgd.SgdState(momentum_buffer=momentum['params']),
-    grad_sum=grads['params'],
-    last_update_step=jnp.asarray((step - 1) // accumulate * accumulate, jnp.int32),
-    num_updates=jnp.asarray(int(state['updates']), jnp.int32),
-  )
-  ours = train_lib.TrainState(
-    step=jnp.asarray(step, jnp.int32),
-    params=raw['params'],
-    batch_stats=raw['batch_stats'],
-    opt_state=opt_state,
-    ema={'params': ema['params'], 'batch_stats': ema['batch_stats']},
-  )
-  return train_lib.place(ours, pieces.state_sharding)
-
-
-def run_ours(
-  config: RunConfig, out: pathlib.Path, *, at: int, steps: int, float64: bool = False
-) -> None:
-  """Side (5), or (6) with ``float64``: our step from ``snapshot.npz``; writes ``ours[64]/``."""
-  import jax
-
-  if float64:
-    jax.config.update('jax_enable_x64', True)
-    # The loss keeps float32 arrays, into which float64 constants are written.
-    warnings.filterwarnings('ignore', 'scatter inputs have incompatible types', FutureWarning)
-  import jax.numpy as jnp
-
-  from reorg_jax.models import convert
-  from reorg_jax.program import loop
-  from reorg_jax.training import optim
-  from reorg_jax.training import step as train_lib
-
-  pieces = loop.setup(config, data_path=pathlib.Path(config.data.yaml))
-  try:
-    state = state_from_snapshot(pieces, dict(np.load(out / 'snapshot.npz')))
-    step_fn = pieces.step_fn
-    if float64:
-      wide = functools.partial(jnp.asarray, dtype=jnp.float64)
-      state = jax.tree.map(lambda a: wide(a) if jnp.issubdtype(a.dtype, jnp.floating) else a, state)
-      setup = pieces.train_setup.replace(compute_dtype=jnp.float64)
-      step_fn = jax.jit(functools.partial(train_lib.train_step, setup))
-    rows, spe = [], pieces.feed.steps_per_epoch
-    for g in range(at, at + steps):
-      epoch, index = divmod(g, spe)
-      batch = next(iter(pieces.feed.epoch(epoch, start_step=index)))
-      hparams = optim.hyperparams(g, schedule=pieces.schedule)
-      placed = {'images': batch.images, 'targets': batch.targets, 'hparams': hparams}
-      if float64:  # the rates and momentum in float64, as the host computes them
-        placed['hparams'] = jax.tree.map(np.asarray, hparams)
-      else:
-        placed = train_lib.shard_batch(placed, pieces.batch_sharding)
-      state, metrics = step_fn(state, placed)
-      metrics = jax.device_get(metrics)
-      train_lib.check_finite(metrics, step=g)
-      rows.append(
-        {
-          'step': g,
-          'epoch': epoch,
-          **{part: float(metrics['total' if part == 'loss' else part]) for part in PARTS},
-          'lr': float(hparams.lrs[optim.DECAY]),
-        }
-      )
-    dtype = np.float64 if float64 else np.float32
-    raw, ema = (
-      convert.export_state_dict(pieces.model, state.variables(use_ema=e), dtype=dtype)
-      for e in (False, True)
-    )
-  finally:
-    pieces.close()
-  _save_side(out / ('ours64' if float64 else 'ours'), rows, raw, ema)
-
-
-# --- Comparison --------------------------------------------------------------------------------
-
-
-def loss_differences(out: pathlib.Path, side: str, reference: str) -> list[dict[str, float]]:
-  """Per step and loss part: ``side``'s relative difference to ``reference``'s."""
-  harness = _harness()
-  want_rows = harness.read_csv(out / reference / 'steps.csv')
-  got_rows = harness.read_csv(out / side / 'steps.csv')
-  if [r['step'] for r in got_rows] != [r['step'] for r in want_rows]:
-    raise SystemExit(f'{out / side}: other steps than {reference}/; rerun the comparison')
-  return [
-    {
-      'step': int(want['step']),
-      **{p: abs(got[p] - want[p]) / max(abs(want[p]), 1e-12) for p in PARTS},
-    }
-    for got, want in zip(got_rows, want_rows, strict=True)
-  ]
-
-
-def _starts(out: pathlib.Path, side: str) -> dict[str, np.ndarray]:
-  """``side``'s state before its steps: the snapshot, with ``side/start.npz`` over it."""
-  state = dict(np.load(out / 'snapshot.npz'))
-  own = out / side / 'start.npz'
-  if own.is_file():
-    state.update(np.load(own))
-  return state
-
-
-def tensor_differences(out: pathlib.Path, side: str, reference: str) -> list[dict[str, Any]]:
-  """Per floating tensor: how far ``side``'s change from its start is from ``reference``'s.
-
-  Rows ``which`` (``raw`` weights and statistics or ``ema``), ``tensor``,
-  ``kind`` (``stats`` for BatchNorm running statistics, else ``weight``),
-  ``change`` (norm of the reference's change), ``error`` (norm of the
-  difference of the two changes), in float64.
-  """
-  starts = {name: _starts(out, name) for name in (side, reference)}
-  after = {name: np.load(out / name / 'weights.npz') for name in (side, reference)}
-  rows = []
-  for key in after[reference].files:
-    which, name = key.split('/', 1)
-    origin = f'{"model" if which == "raw" else "ema"}/{name}'
-    if not np.issubdtype(starts[reference][origin].dtype, np.floating) or 'anchor' in name:
-      continue
-    want, got = (
-      after[n][key].astype(np.float64) - starts[n][origin].astype(np.float64)
-      for n in (reference, side)
-    )
-    rows.append(
-      {
-        'which': which,
-        'tensor': name,
-        'kind': 'stats' if 'running_' in name else 'weight',
-        'change': float(np.linalg.norm(want)),
-        'error': float(np.linalg.norm(got - want)),
-      }
-    )
-  return rows
-
-
-def overall(rows: list[dict[str, Any]], *, which: str) -> float:
-  """Relative difference of the changes over all of ``which``'s tensors together."""
-  error = sum(r['error'] ** 2 for r in rows if r['which'] == which)
-  change = sum(r['change'] ** 2 for r in rows if r['which'] == which)
-  return float(np.sqrt(error / change)) if change > 0 else float(np.sqrt(error))
-
-
-def worst_tensor(rows: list[dict[str, Any]], *, which: str = 'raw') -> dict[str, Any]:
-  """The tensor with the largest relative error among those that carry the change.
-
-  Tensors whose change is below 1e-3 of the largest are left out: their
-  changes are a few ulps of their values.
-  """
-  rows = [r for r in rows if r['which'] == which]
-  floor = 1e-3 * max(r['change'] for r in rows)
-  return max((r for r in rows if r['change'] > floor), key=lambda r: r['error'] / r['change'])
 
 
 COMPARISONS = (
@@ -362,30 +168,7 @@ COMPARISONS = (
 
 def compare(out: pathlib.Path, *, at: int, steps: int) -> dict[str, Any]:
   """Writes ``losses.csv`` and ``tensors.csv``; returns the figures per comparison."""
-  harness = _harness()
-  figures: dict[str, Any] = {'at': at, 'steps': steps}
-  loss_rows, tensor_rows = [], []
-  for side, reference in COMPARISONS:
-    losses = loss_differences(out, side, reference)
-    tensors = tensor_differences(out, side, reference)
-    pair = {'side': side, 'reference': reference}
-    loss_rows += [{**pair, **r} for r in losses]
-    tensor_rows += [{**pair, **r} for r in tensors]
-    figures[side, reference] = {
-      'loss_rel_err': max(max(r[p] for p in PARTS) for r in losses),
-      'update_rel_err': overall(tensors, which='raw'),
-      'ema_rel_err': overall(tensors, which='ema'),
-      'worst': worst_tensor(tensors),
-      'exact': all(r['error'] == 0 for r in tensors)
-      and all(r[p] == 0 for r in losses for p in PARTS),
-    }
-  harness.write_csv(out / 'losses.csv', ('side', 'reference', 'step', *PARTS), loss_rows)
-  harness.write_csv(
-    out / 'tensors.csv',
-    ('side', 'reference', 'which', 'tensor', 'kind', 'change', 'error'),
-    tensor_rows,
-  )
-  return figures
+  return {'at': at, 'steps': steps, **step_check.compare(out, COMPARISONS)}
 
 
 def summary_line(figures: dict[str, Any]) -> str:
@@ -406,11 +189,7 @@ def main(argv: list[str] | None = None) -> int:
   args = parse_args(argv)
   out = pathlib.Path(args.out).resolve()
   if args.worker is not None:
-    config = _harness().worker_config(out)
-    if args.worker == 'upstream':
-      run_upstream(config, out, at=args.at, steps=args.steps)
-    else:
-      run_ours(config, out, at=args.at, steps=args.steps, float64=args.worker == 'ours64')
+    run_upstream(step_check.load_config(out), out, at=args.at, steps=args.steps)
     return 0
 
   harness = _harness()
@@ -420,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
   workers = [w for w in WORKERS if w in args.sides.split(',')]
   kept = [w for w in WORKERS if w not in workers]
   config = harness.resolve_config(resolved, out, reused=kept)
-  if kept and not (out / 'snapshot.npz').is_file():
+  if kept and not (out / step_check.SNAPSHOT).is_file():
     raise SystemExit(f'{out} holds no snapshot to compare with; run the upstream worker first')
   from reorg_jax.program.pieces import load_splits
 
@@ -428,15 +207,16 @@ def main(argv: list[str] | None = None) -> int:
   total = len(train_data) // config.train.batch_size * config.train.epochs
   if args.at + args.steps > total:  # the training loader drops a last partial batch
     raise SystemExit(f'--at {args.at} + --steps {args.steps} is past the run ({total} steps)')
-  env = {
-    **os.environ,
-  }
   for worker in workers:
     print(f'running {worker} ...', flush=True)
     started = time.perf_counter()
-    command = [sys.executable, __file__, '--worker', worker, '--out', str(out)]
-    command += ['--at', str(args.at), '--steps', str(args.steps)]
-    subprocess.run(command, check=True, env=env)
+    if worker == 'upstream':
+      command = [sys.executable, __file__, '--worker', worker, '--out', str(out)]
+      subprocess.run(command + ['--at', str(args.at), '--steps', str(args.steps)], check=True)
+    else:
+      status = step_check.spawn(worker, out=out, steps=args.steps)
+      if status:
+        raise SystemExit(f'the {worker} worker failed (exit status {status})')
     print(f'{worker}: {time.perf_counter() - started:.0f} s wall (process included)', flush=True)
   figures = compare(out, at=args.at, steps=args.steps)
   for side, reference in COMPARISONS[:2] + COMPARISONS[3:]:

@@ -6,20 +6,48 @@ the top: :mod:`reorg_jax.boxes`, :mod:`reorg_jax.targets`,
 :mod:`reorg_jax.evaluate`, :mod:`reorg_jax.testing`.
 """
 
-from reorg_jax.loss import (
-  Assignment,
-  CandidateCosts,
-  LossConfig,
-  assign,
-  aux_ota_loss,
-  candidate_costs,
-)
-from reorg_jax.models.convert import export_state_dict, import_state_dict, load_torch_state_dict
-from reorg_jax.models.detect import IAuxDetect, decode
-from reorg_jax.models.inference import Detections, predict
-from reorg_jax.models.reorg import ReOrg, reorg
-from reorg_jax.models.yolo import YOLO, build_model, fuse, p6_nano
-from reorg_jax.targets import Targets
+import importlib
+from typing import Any
+
+# Name -> the module defining it. Imported on first use (PEP 562), so that
+# ``import reorg_jax.program.cli`` (the installed command) is quick and can take
+# over Ctrl-C before jax is imported.
+_ORIGINS = {
+  'Assignment': 'reorg_jax.loss',
+  'CandidateCosts': 'reorg_jax.loss',
+  'LossConfig': 'reorg_jax.loss',
+  'assign': 'reorg_jax.loss',
+  'aux_ota_loss': 'reorg_jax.loss',
+  'candidate_costs': 'reorg_jax.loss',
+  'export_state_dict': 'reorg_jax.models.convert',
+  'import_state_dict': 'reorg_jax.models.convert',
+  'load_torch_state_dict': 'reorg_jax.models.convert',
+  'IAuxDetect': 'reorg_jax.models.detect',
+  'decode': 'reorg_jax.models.detect',
+  'Detections': 'reorg_jax.models.inference',
+  'predict': 'reorg_jax.models.inference',
+  'ReOrg': 'reorg_jax.models.reorg',
+  'reorg': 'reorg_jax.models.reorg',
+  'YOLO': 'reorg_jax.models.yolo',
+  'build_model': 'reorg_jax.models.yolo',
+  'fuse': 'reorg_jax.models.yolo',
+  'p6_nano': 'reorg_jax.models.yolo',
+  'Targets': 'reorg_jax.targets',
+}
+
+
+def __getattr__(name: str) -> Any:
+  origin = _ORIGINS.get(name)
+  if origin is None:
+    raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
+  value = getattr(importlib.import_module(origin), name)
+  globals()[name] = value
+  return value
+
+
+def __dir__() -> list[str]:
+  return sorted({*globals(), *_ORIGINS})
+
 
 __all__ = [
   'YOLO',

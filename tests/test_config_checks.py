@@ -136,7 +136,7 @@ def model_files(tmp_path_factory):
     ('unsupported', r"layer 3 .*module 'RepConv' is not supported"),
     ('missing', r"model config lacks \['anchors'\]"),
     ('bad_argument', r"layer 1 .*argument features='wide' must be"),
-    ('invalid', 'the model file is not valid YAML'),
+    ('invalid', r"expected ',' or ']', but got '<stream end>'"),
     ('bad_depth', "depth_multiple must be a positive number, got 'deep'"),
   ],
 )
@@ -144,7 +144,7 @@ def test_model_file_errors_name_the_file(model_files, tmp_path, capsys, name, me
   path = model_files[name]
   with pytest.raises(config_lib.ConfigError, match=message) as error:
     _load({'model.name': str(path)})
-  assert str(error.value).startswith(f'command line: model.name: {path}: ')
+  assert str(error.value).startswith(f'command line: model.name: {path}:')
   workdir = tmp_path / 'run'
   assert main.main(['--model', str(path), '--workdir', str(workdir)]) == 2
   err = capsys.readouterr().err

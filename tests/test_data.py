@@ -80,7 +80,7 @@ def test_yaml_path_key_names_dict_and_list_files(tmp_path, caplog):
     ('train: a\nval: b', 'needs nc or names'),
     ('val: x\nnames: [a]', "missing 'train'"),
     ('- a\n- b', 'must be a mapping'),
-    ('train: [unclosed', 'cannot read dataset YAML'),
+    ('train: [unclosed', r"bad.yaml:1:17: expected ',' or ']'"),
   ],
 )
 def test_bad_yaml_is_named(tmp_path, text, message):
@@ -102,6 +102,9 @@ def test_bad_yaml_is_named(tmp_path, text, message):
     ('0 1.5 0.5 0.2 0.2', r'must lie in \[0, 1\]'),
     ('1 0.5 0.5 -0.2 0.2', r'must lie in \[0, 1\]'),
     ('0 0.1 0.1 0.3 0.3', 'duplicate of line 1'),
+    ('1 0.5 0.5 0 0.2', r'box width or height is zero \(w 0, h 0.2\)'),
+    ('1 0.5 0.5 0.2 0.0', r'box width or height is zero \(w 0.2, h 0\)'),
+    ('1 0.2 0.3 0.2 0.5 0.2 0.9', r'box width or height is zero \(w 0, h 0.6\)'),  # a line
   ],
 )
 def test_malformed_label_rows_name_file_and_line(tmp_path, row, message):
@@ -112,11 +115,61 @@ def test_malformed_label_rows_name_file_and_line(tmp_path, row, message):
   assert 'good.txt' not in str(info.value)
 
 
-def test_every_malformed_file_is_listed(tmp_path):
+def test_every_malformed_file_is_listed_in_one_line(tmp_path):
   path = _layout(tmp_path, {'x': '0 2 0 0 0\n', 'y': '0 0 0 0\n', 'z': '1 0.5 0.5 0.1 0.1\n'})
   with pytest.raises(dataset.DatasetError, match='2 malformed label row') as info:
     dataset.load_dataset(path, split='train')
   assert 'x.txt:1' in str(info.value) and 'y.txt:1' in str(info.value)
+  assert '\n' not in str(info.value)
+
+
+def test_counts_of_a_split(tmp_path):
+  rows = {
+    'a': '0 0.5 0.5 0.1 0.1\n1 0.2 0.2 0.1 0.1\n',
+    'b': '',
+    'c': None,
+    'd': '1 0.5 0.5 0.2 0.2\n',
+  }
+  path = _layout(tmp_path, rows)
+  (tmp_path / 'labels' / 'A.txt').write_text('0 0.5 0.5 0.1 0.1\n')  # names no image
+  (tmp_path / 'labels' / 'notes.md').write_text('not a label file\n')
+  counts = dataset.load_dataset(path, split='train').counts
+  assert counts == dataset.SplitCounts(
+    images=4, labelled=2, missing=1, empty=1, boxes=3, orphans=(tmp_path / 'labels' / 'A.txt',)
+  )
+  assert counts.line('train') == (
+    'train: 4 images, 2 labelled, 1 without a label file, 1 with an empty one, 3 boxes; '
+    f'1 label file(s) named after no image ({tmp_path / "labels" / "A.txt"})'
+  )
+
+
+def test_label_folder_matching_no_image_is_an_error(tmp_path):
+  """Its images used to be trained as background, silently."""
+  path = _layout(tmp_path, {'img1': None, 'img2': None})
+  for stem in ('label1', 'label2'):
+    (tmp_path / 'labels' / f'{stem}.txt').parent.mkdir(exist_ok=True)
+    (tmp_path / 'labels' / f'{stem}.txt').write_text('0 0.5 0.5 0.1 0.1\n')
+  with pytest.raises(dataset.DatasetError) as info:
+    dataset.load_dataset(path, split='train')
+  assert str(info.value) == (
+    f"none of the 2 images of ['{tmp_path / 'images'}'] has a label file, while "
+    f'{tmp_path / "labels"} holds 2 label file(s) named after no image (first: label1.txt, '
+    'label2.txt): are the images and labels named alike?'
+  )
+  # Without any label file at all, the images are background, as upstream's loader allows.
+  for stem in ('label1', 'label2'):
+    (tmp_path / 'labels' / f'{stem}.txt').unlink()
+  assert dataset.load_dataset(path, split='train').counts.missing == 2
+
+
+def test_splits_listed_from_one_folder_are_not_each_others_orphans(tmp_path):
+  path = _layout(tmp_path, {f'{i}': f'{i % 2} 0.5 0.5 0.1 0.1\n' for i in range(4)})
+  (tmp_path / 'train.txt').write_text('images/0.png\nimages/1.png\n')
+  (tmp_path / 'val.txt').write_text('images/2.png\nimages/3.png\n')
+  path.write_text("train: train.txt\nval: val.txt\nnames: ['a', 'b']\n")
+  for split in ('train', 'val'):
+    counts = dataset.load_dataset(path, split=split).counts
+    assert (counts.images, counts.labelled, counts.orphans) == (2, 2, ())
 
 
 def test_polygon_rows_become_their_bounding_box(tmp_path):

@@ -7,7 +7,8 @@ The reference is one process with two simulated devices
 (``--xla_force_host_platform_device_count=2``) running the same 4 steps in
 one go. Losses, validation metrics and the final weights must agree, and
 only process 0 may print or write tables. Ports are picked free; every
-process is killed when the test ends, passed or not.
+process is killed when the test ends, passed or not. The model is a P6
+network of a few convolutions (:data:`MICRO`), which compiles quickly.
 """
 
 from __future__ import annotations
@@ -32,14 +33,47 @@ from reorg_jax.training import checkpoint
 ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 900  # per launch; compiling takes most of it on 2 cores
 
+# What is tested is how the processes share the work, not the network: a P6 model of a
+# few convolutions (ReOrg stem, strides 8 to 64, IAuxDetect over four levels) compiles in
+# a fraction of p6_nano's time.
+MICRO = {
+  'nc': 6,
+  'depth_multiple': 1.0,
+  'width_multiple': 1.0,
+  'anchors': [
+    [19, 27, 44, 40, 38, 94],
+    [96, 68, 86, 152, 180, 137],
+    [140, 301, 303, 264, 238, 542],
+    [436, 615, 739, 380, 925, 792],
+  ],
+  'backbone': [
+    [-1, 1, 'ReOrg', []],
+    [-1, 1, 'Conv', [8, 3, 2]],  # stride 4
+    [-1, 1, 'Conv', [16, 3, 2]],  # 2: stride 8
+    [-1, 1, 'Conv', [16, 3, 2]],  # 3: stride 16
+    [-1, 1, 'Conv', [16, 3, 2]],  # 4: stride 32
+    [-1, 1, 'Conv', [16, 3, 2]],  # 5: stride 64
+  ],
+  'head': [
+    [2, 1, 'Conv', [8, 1, 1]],  # 6-9: lead branches
+    [3, 1, 'Conv', [8, 1, 1]],
+    [4, 1, 'Conv', [8, 1, 1]],
+    [5, 1, 'Conv', [8, 1, 1]],
+    [[6, 7, 8, 9, 2, 3, 4, 5], 1, 'IAuxDetect', ['nc', 'anchors']],  # aux: the backbone
+  ],
+}
+
 
 @pytest.fixture(scope='module')
 def runs(tmp_path_factory):
   """``(base, config_file, reference, two, outputs)``: the reference and the two-process run."""
   base = tmp_path_factory.mktemp('distributed')
   data = synthetic.write_dataset(base / 'data', num_train=8, num_val=4, image_size=64, seed=0)
+  micro = base / 'micro.yaml'
+  micro.write_text(yaml.safe_dump(MICRO))
   options = {
     'data': {'yaml': str(data)},
+    'model': {'name': str(micro)},
     'train': {'epochs': 2, 'batch_size': 4, 'image_size': 64, 'loader_threads': 1},
     'eval': {'batch_size': 4, 'max_detections': 100, 'max_candidates': 200},
     'augment': {'enabled': False},

@@ -212,3 +212,63 @@ def test_program_hides_only_the_closed_loop_reports_of_abandoned_writes():
   hook(other)
   hook(Report(ValueError('Event loop is closed')))
   assert [r.exc_value.args[0] for r in seen] == ['something else', 'Event loop is closed']
+
+
+def test_resume_with_nothing_to_resume_is_an_error(data, tmp_path, capsys, no_training):
+  """A misspelled or empty --workdir with --resume used to train from step 0 and exit 0."""
+  missing = tmp_path / 'runs' / 'typo'
+  assert main.main(['--data', str(data), '--workdir', str(missing), '--resume']) == 2
+  assert capsys.readouterr().err == (
+    f'error: --resume: {missing} does not exist, so there is no run to resume\n'
+  )
+  assert not missing.exists()
+  empty = tmp_path / 'empty'
+  (empty / 'checkpoints' / 'steps' / '4.orbax-checkpoint-tmp').mkdir(parents=True)  # cut short
+  assert main.main(['--data', str(data), '--workdir', str(empty), '--resume']) == 2
+  assert capsys.readouterr().err == (
+    f'error: --resume: {empty} holds no complete checkpoint (in {empty / "checkpoints" / "steps"}) '
+    'to resume from; start the run without --resume\n'
+  )
+  assert sorted(p.name for p in empty.rglob('*')) == [
+    '4.orbax-checkpoint-tmp',
+    'checkpoints',
+    'steps',
+  ]
+
+
+def test_run_without_a_complete_checkpoint_may_start_again(tmp_path):
+  """Its --resume is refused, so a fresh start over it must not be."""
+  (tmp_path / 'checkpoints' / 'steps' / '2.orbax-checkpoint-tmp').mkdir(parents=True)
+  (tmp_path / 'checkpoints' / 'best').mkdir()
+  rundir.check_workdir(tmp_path, {}, resume=False)  # no error
+  (tmp_path / 'checkpoints' / 'best' / '4').mkdir()
+  with pytest.raises(loop.RunError, match='already holds the checkpoints of a run'):
+    rundir.check_workdir(tmp_path, {}, resume=False)
+
+
+def test_workdir_that_is_a_file_is_one_line(data, tmp_path, capsys, no_training):
+  path = tmp_path / 'notes.txt'
+  path.write_text('not a run\n')
+  for extra in ([], ['--resume']):
+    assert main.main(['--data', str(data), '--workdir', str(path), *extra]) == 2
+    assert capsys.readouterr().err == f'error: --workdir {path} exists and is not a folder\n'
+  assert path.read_text() == 'not a run\n'
+
+
+@pytest.mark.parametrize('which', ['config', 'data'])
+def test_yaml_syntax_errors_name_file_line_and_column(data, tmp_path, capsys, no_training, which):
+  """A tab in the indentation used to give four lines pointing at '<unicode string>'."""
+  bad = tmp_path / 'bad.yaml'
+  if which == 'config':
+    bad.write_text('train:\n\tepochs: 3\n')
+    flags = ['--config', str(bad), '--data', str(data)]
+  else:
+    bad.write_text(data.read_text() + 'names:\n\t- a\n')
+    flags = ['--data', str(bad)]
+  lines = len(bad.read_text().splitlines())
+  assert main.main([*flags, '--workdir', str(tmp_path / 'run')]) == 2
+  assert capsys.readouterr().err == (
+    f"error: {bad}:{lines}:1: found character '\\t' that cannot start any token "
+    '(while scanning for the next token)\n'
+  )
+  assert not (tmp_path / 'run').exists()

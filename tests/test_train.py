@@ -10,6 +10,7 @@ devices. Compilations go to a persistent cache shared by every run here.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -332,3 +333,103 @@ def test_config_errors_are_clear(setup, tmp_path, capsys):
   missing = tmp_path / 'missing.yaml'
   assert main.main(['--data', str(missing), '--workdir', str(tmp_path / 'run2')]) == 2
   assert str(missing) in capsys.readouterr().err
+
+
+def _no_temporaries(workdir: Path) -> list[str]:
+  return [str(p) for p in (workdir / 'checkpoints').rglob('*') if 'tmp' in p.name]
+
+
+def test_sigint_ends_the_run_in_one_line_naming_the_checkpoint(setup, straight):
+  """Ctrl-C used to print a traceback of 31 to 145 lines."""
+  base, config_file, cache = setup
+  workdir = base / 'sigint'
+  command = [sys.executable, '-m', 'train', '--config', str(config_file), '--workdir', str(workdir)]
+  process = subprocess.Popen(
+    command, cwd=ROOT, env=_env(cache), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+  )
+  marker = workdir / 'checkpoints' / 'steps' / '4' / 'commit_success.txt'
+  deadline = time.monotonic() + 300
+  try:
+    while not marker.exists() and process.poll() is None and time.monotonic() < deadline:
+      time.sleep(0.05)
+    assert marker.exists(), 'no checkpoint at step 4 appeared'
+  finally:
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+  assert process.returncode == 130, err
+  steps = workdir / 'checkpoints' / 'steps'
+  match = re.fullmatch(
+    rf'error: interrupted by SIGINT after (\d+) of {STEPS} steps; newest complete checkpoint: '
+    rf'step (\d+) in {re.escape(str(steps))} \(--resume continues from it\)\n',
+    err,
+  )
+  assert match, err
+  done, newest = map(int, match.groups())
+  assert 4 <= newest <= done < STEPS
+  assert newest == max(int(p.name) for p in steps.iterdir() if p.name.isdigit())
+  assert (steps / str(newest) / 'commit_success.txt').exists()
+  assert _no_temporaries(workdir) == []
+
+
+def test_sigterm_while_compiling_ends_in_one_line(setup):
+  """SIGTERM used to end the run without a word; during compilation Python cannot take it."""
+  base, config_file, cache = setup
+  workdir = base / 'sigterm'
+  # 192 px: a step the compilation cache does not hold, so the signal lands in XLA's compiler.
+  command = [sys.executable, '-m', 'train', '--config', str(config_file), '--img-size', '192']
+  process = subprocess.Popen(
+    [*command, '--workdir', str(workdir)],
+    cwd=ROOT,
+    env=_env(cache),
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
+  try:
+    line = ''
+    while not line.startswith('training '):
+      line = process.stdout.readline()
+      assert line or process.poll() is None, process.stderr.read()
+    time.sleep(0.5)  # dispatching the first step, which compiles it
+    sent = time.monotonic()
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+  finally:
+    process.kill()
+  assert process.returncode == 143, err
+  assert time.monotonic() - sent < 30  # not after the compilation
+  assert err == (
+    f'error: interrupted by SIGTERM after 0 of {STEPS} steps; no checkpoint was complete yet '
+    '(start the run again without --resume)\n'
+  )
+  assert _no_temporaries(workdir) == []
+
+
+def test_resume_over_a_changed_dataset_names_the_change(setup, straight, tmp_path, capsys):
+  """Editing a label file or adding an image used to go on without a word."""
+  base, config_file, _ = setup
+  data = tmp_path / 'data'
+  shutil.copytree(base / 'data', data)
+  flags = ['--config', str(config_file), '--data', str(data / 'data.yaml')]
+  flags += ['--workdir', str(tmp_path / 'run'), '--steps', '1', '--save-every', '1']
+  assert main.main(flags) == 0
+  out = capsys.readouterr().out
+  assert 'train: 32 images, 32 labelled, 0 without a label file, 0 with an empty one, ' in out
+  assert main.main([*flags, '--resume']) == 0  # the same dataset
+  capsys.readouterr()
+
+  label = data / 'labels' / 'train' / '000003.txt'
+  label.write_text(label.read_text() + '0 0.5 0.5 0.25 0.25\n')
+  image = data / 'images' / 'train' / 'extra.png'
+  shutil.copy(data / 'images' / 'train' / '000001.png', image)
+  assert main.main([*flags, '--resume']) == 2
+  assert capsys.readouterr().err == (
+    f'error: {data / "data.yaml"}: the dataset changed since this run last started (train: '
+    f'1 added ({image}), 1 modified ({label})); pass --accept-changed-data to resume on it as '
+    'it is now\n'
+  )
+  assert main.main([*flags, '--resume', '--accept-changed-data']) == 0
+  assert (
+    'the dataset changed since this run last started (train: 1 added' in capsys.readouterr().out
+  )
+  assert main.main([*flags, '--resume']) == 0  # recorded anew

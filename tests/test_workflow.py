@@ -531,3 +531,40 @@ def test_resume_needs_only_the_run_directory(tiny):
   assert changed.stderr.strip() == (
     f'error: cannot resume with options that change the run: train.freeze: {FROZEN} -> 1'
   )
+
+
+def test_chain_exports_then_detects_and_validates_the_deploy_checkpoint(tiny):
+  """Steps 5 and 6 of the README's chain, through the installed command: export the run
+  (deploy, ONNX, StableHLO), then detect and validate with the deploy checkpoint."""
+  done = _command(
+    'export', '--weights', 'run', '--include', 'deploy,onnx,stablehlo', '--img-size', str(SIZE),
+    '--platforms', 'cpu', '--workdir', 'export', cwd=tiny.base,
+  )  # fmt: skip
+  assert done.returncode == 0, done.stderr
+  written = {
+    p.relative_to(tiny.base / 'export').as_posix() for p in (tiny.base / 'export').rglob('*')
+  }
+  assert {'deploy/model.yaml', 'deploy/weights.pt', 'model.onnx', 'model.stablehlo'} <= written
+
+  images = tiny.data.parent / 'images' / 'val'
+  done = _command(
+    'detect', '--weights', 'export/deploy', '--source', str(images), '--conf-thres', str(CONF),
+    '--save-txt', '--save-conf', '--nosave', '--workdir', 'detect',
+    '--compile-cache', str(tiny.cache), cwd=tiny.base,
+  )  # fmt: skip
+  assert done.returncode == 0, done.stderr
+  document = json.loads((tiny.base / 'detect' / 'detections.json').read_text())
+  found = {Path(entry['file']).stem: entry['detections'] for entry in document['images']}
+  assert sorted(found) == sorted(p.stem for p in images.iterdir())
+  assert all(found.values())  # at this threshold every image has detections
+  for stem, detections in found.items():
+    lines = (tiny.base / 'detect' / 'labels' / f'{stem}.txt').read_text().splitlines()
+    assert len(lines) == len(detections) and all(len(li.split()) == 6 for li in lines)
+
+  # The deploy checkpoint (implicit layers folded, aux head gone) scores as the run did.
+  workdir = tiny.base / 'val-deploy'
+  flags = ['--weights', str(tiny.base / 'export' / 'deploy'), '--data', str(tiny.data)]
+  flags += ['--img-size', str(SIZE), '--batch-size', str(EVAL_BATCH), '--conf-thres', str(CONF)]
+  assert _val(tiny, workdir, *flags) == 0
+  for name in METRICS:
+    assert _table(workdir)['all'][name] == pytest.approx(tiny.row[name], abs=0.01), name

@@ -44,15 +44,16 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import yaml
 
 from reorg_jax import boxes as box_lib
+from reorg_jax import yaml_file
 
 __all__ = [
   'IMAGE_SUFFIXES',
   'MAX_LISTED_PROBLEMS',
   'DataConfig',
   'DatasetError',
+  'SplitCounts',
   'YoloDataset',
   'label_path',
   'list_images',
@@ -124,9 +125,9 @@ def read_data_config(path: str | os.PathLike) -> DataConfig:
   """
   path = Path(path)
   try:
-    raw = yaml.safe_load(path.read_text())
-  except (OSError, yaml.YAMLError) as error:
-    raise DatasetError(f'{path}: cannot read dataset YAML: {error}') from error
+    raw = yaml_file.read(path)
+  except yaml_file.YamlFileError as error:
+    raise DatasetError(str(error)) from None
   if not isinstance(raw, dict):
     raise DatasetError(f'{path}: a dataset YAML must be a mapping, got {type(raw).__name__}')
   root = path.parent
@@ -233,6 +234,12 @@ def read_label_file(
       polygon = values[1:].reshape(-1, 2)
       xyxy = np.concatenate([polygon.min(axis=0), polygon.max(axis=0)])
       values = np.concatenate([[cls], box_lib.xyxy_to_cxcywh(xyxy, xp=np)])
+    if values[3] == 0 or values[4] == 0:  # after normalisation, so a polygon's box too
+      problems.append(
+        f'{where}: box width or height is zero (w {values[3]:g}, h {values[4]:g}): an object '
+        'must cover some area'
+      )
+      continue
     key = tuple(values.tolist())
     if key in seen:
       problems.append(f'{where}: duplicate of line {seen[key]}')
@@ -265,6 +272,44 @@ def read_image(path: str | os.PathLike) -> np.ndarray | None:
   return None if image is None else cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
+@dataclasses.dataclass(frozen=True)
+class SplitCounts:
+  """What loading a split found, as upstream's loader counts it.
+
+  Attributes:
+    images: images in the split (readable).
+    labelled: images whose label file has at least one box.
+    missing: images without a label file (trained as background).
+    empty: images whose label file has no box.
+    boxes: label rows of all images.
+    orphans: label files in the split's label folders named after no image
+      there (their boxes are used nowhere).
+    unreadable: images skipped because they cannot be decoded.
+  """
+
+  images: int
+  labelled: int
+  missing: int
+  empty: int
+  boxes: int
+  orphans: tuple[Path, ...] = ()
+  unreadable: tuple[Path, ...] = ()
+
+  def line(self, split: str) -> str:
+    """``train: 128 images, 120 labelled, 6 without a label file, 2 with an empty one, ...``."""
+    text = (
+      f'{split}: {self.images} images, {self.labelled} labelled, {self.missing} without a '
+      f'label file, {self.empty} with an empty one, {self.boxes} boxes'
+    )
+    if self.unreadable:
+      text += f'; {len(self.unreadable)} unreadable image(s) skipped'
+    text += f'; {len(self.orphans)} label file(s) named after no image'
+    if self.orphans:
+      shown = ', '.join(str(path) for path in self.orphans[:3])
+      text += f' ({shown}{", ..." if len(self.orphans) > 3 else ""})'
+    return text
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class YoloDataset:
   """A split of a dataset: image paths and their labels, checked once.
@@ -277,12 +322,14 @@ class YoloDataset:
     segments: per image, ``N`` float32 ``[P_i, 2]`` normalised polygons (one
       per label row) or ``()`` when its label file has no polygon; ``()`` as a
       whole: no image has any.
+    counts: what :func:`load_split` found (``None`` for a dataset built otherwise).
   """
 
   image_paths: tuple[Path, ...]
   labels: tuple[np.ndarray, ...]
   names: tuple[str, ...]
   segments: tuple[tuple[np.ndarray, ...], ...] = ()
+  counts: SplitCounts | None = None
 
   def __post_init__(self):
     if self.segments and len(self.segments) != len(self.image_paths):
@@ -370,19 +417,82 @@ def load_split(
       raise DatasetError(message)
     logger.warning('skipping %s', message)
   if problems:
-    shown = '\n  '.join(problems[:MAX_LISTED_PROBLEMS])
+    shown = '; '.join(problems[:MAX_LISTED_PROBLEMS])
     more = len(problems) - MAX_LISTED_PROBLEMS
     raise DatasetError(
-      f'{len(problems)} malformed label row(s):\n  {shown}'
-      + (f'\n  ... and {more} more' if more > 0 else '')
+      f'{len(problems)} malformed label row(s): {shown}'
+      + (f'; and {more} more' if more > 0 else '')
     )
   if not paths:
     raise DatasetError(f'no readable images in {list(map(str, sources))}')
+  counts = _count(paths, labels, sources=sources, unreadable=unreadable)
+  if counts.orphans and counts.missing == counts.images:
+    folders = sorted({str(path.parent) for path in counts.orphans})
+    raise DatasetError(
+      f'none of the {counts.images} images of {list(map(str, sources))} has a label file, while '
+      f'{", ".join(folders[:3])} holds {len(counts.orphans)} label file(s) named after no image '
+      f'(first: {", ".join(p.name for p in counts.orphans[:3])}): are the images and labels '
+      'named alike?'
+    )
   return YoloDataset(
     image_paths=tuple(paths),
     labels=tuple(labels),
     names=names,
     segments=tuple(segments) if any(segments) else (),
+    counts=counts,
+  )
+
+
+def _image_folder(label_folder: Path) -> Path:
+  """The folder whose images ``label_folder``'s files label (inverse of :func:`label_path`)."""
+  parts = list(label_folder.parts)
+  folders = [i for i, part in enumerate(parts) if part == 'labels']
+  if folders:
+    parts[folders[-1]] = 'images'
+  return Path(*parts)
+
+
+def _count(
+  paths: Sequence[Path],
+  labels: Sequence[np.ndarray],
+  *,
+  sources: Sequence[str | os.PathLike],
+  unreadable: Sequence[Path],
+) -> SplitCounts:
+  """The :class:`SplitCounts` of a split's images, their labels and label folders."""
+  expected = {label_path(path) for path in paths}
+  present = {path for path in expected if path.is_file()}
+  listed = {Path(source).resolve() for source in sources if Path(source).is_file()}
+  orphans = []
+  for folder in sorted({path.parent for path in expected}):
+    if not folder.is_dir():
+      continue
+    images = _image_folder(folder)
+    stems = (
+      {p.stem for p in images.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES}
+      if images.is_dir()
+      else set()
+    )
+    for entry in os.scandir(folder):
+      path = folder / entry.name
+      if (
+        entry.name.endswith('.txt')
+        and entry.is_file()
+        and path not in expected
+        and path.stem not in stems  # an image of the folder that another split lists
+        and path.resolve() not in listed  # a list file of images beside them
+      ):
+        orphans.append(path)
+  with_rows = sum(1 for rows in labels if len(rows))
+  missing = len(paths) - len(present)
+  return SplitCounts(
+    images=len(paths),
+    labelled=with_rows,
+    missing=missing,
+    empty=len(paths) - with_rows - missing,
+    boxes=sum(len(rows) for rows in labels),
+    orphans=tuple(sorted(orphans)),
+    unreadable=tuple(unreadable),
   )
 
 

@@ -1,16 +1,24 @@
-"""The IAuxDetect head: lead and auxiliary predictions per level, decoding, fusing.
+"""The detection heads: IAuxDetect (lead and auxiliary) and IDetect (lead only), decoding, fusing.
 
 Glossary: ``B`` batch, ``L`` levels, ``A`` anchors per level, ``C`` classes,
 ``F = 5 + C`` features of a head row (``x, y, w, h, objectness, C class
 logits``), ``H_l``/``W_l`` grid of level ``l``, ``I_l`` input channels of
 level ``l``, ``R = A * sum_l H_l * W_l`` decoded rows (boxes) per image.
 
-The head receives ``2L`` feature maps: ``L`` for the lead head then ``L`` for
-the auxiliary head, level ``l`` of both at the same resolution. Per level, the
-lead head is ``ImplicitA -> 1x1 conv -> ImplicitM`` (variables ``ia_l``,
-``m_l``, ``im_l``), the auxiliary head a plain ``1x1`` conv (``m2_l``). Both
-map to ``A * F`` channels, read as ``A`` groups of ``F`` (anchor-major, like
-the original), and are returned as ``[B, A, H_l, W_l, F]`` raw logits.
+:class:`IAuxDetect`, the training head, receives ``2L`` feature maps: ``L``
+for the lead head then ``L`` for the auxiliary head, level ``l`` of both at
+the same resolution. Per level, the lead head is ``ImplicitA -> 1x1 conv ->
+ImplicitM`` (variables ``ia_l``, ``m_l``, ``im_l``), the auxiliary head a
+plain ``1x1`` conv (``m2_l``). Both map to ``A * F`` channels, read as ``A``
+groups of ``F`` (anchor-major, like the original), and are returned as
+``[B, A, H_l, W_l, F]`` raw logits.
+
+:class:`IDetect`, the deploy head, is the lead head alone over ``L`` feature
+maps: with ``implicit=True`` as above (the original's ``IDetect``), with
+``implicit=False`` the plain ``1x1`` convs (the original's ``Detect``, what
+the lead head becomes once :func:`fuse_implicit` folded its implicit layers
+into the convs). Its decoded outputs are those of the :class:`IAuxDetect` it
+came from.
 """
 
 from __future__ import annotations
@@ -24,7 +32,7 @@ import jax.numpy as jnp
 
 from reorg_jax.models.layers import ImplicitA, ImplicitM, torch_default_init
 
-__all__ = ['IAuxDetect', 'decode', 'decode_cxcywh', 'fuse_implicit', 'head_bias_prior']
+__all__ = ['IAuxDetect', 'IDetect', 'decode', 'decode_cxcywh', 'fuse_implicit', 'head_bias_prior']
 
 Anchors = tuple[tuple[tuple[float, float], ...], ...]
 
@@ -58,6 +66,38 @@ def _split_anchors(x: jax.Array, num_anchors: int) -> jax.Array:
   batch, height, width, channels = x.shape
   x = x.reshape(batch, height, width, num_anchors, channels // num_anchors)  # [B, H_l, W_l, A, F]
   return x.transpose(0, 3, 1, 2, 4)  # [B, A, H_l, W_l, F]
+
+
+def _head_conv(
+  x: jax.Array, *, stride: float, num_anchors: int, num_classes: int, name: str
+) -> jax.Array:
+  """A head's ``1x1`` conv (created in the calling module): ``[B, H_l, W_l, I_l] -> [B, H_l, W_l, A * F]``."""
+  prior = head_bias_prior(stride=stride, num_anchors=num_anchors, num_classes=num_classes)
+  conv = nn.Conv(
+    num_anchors * (5 + num_classes),
+    (1, 1),
+    kernel_init=torch_default_init,
+    bias_init=_prior_bias_init(fan_in=x.shape[-1], prior=prior),
+    name=name,
+  )
+  return conv(x)
+
+
+def _lead_level(
+  x: jax.Array, *, level: int, implicit: bool, stride: float, num_anchors: int, num_classes: int
+) -> jax.Array:
+  """One level of the lead head: ``[B, H_l, W_l, I_l] -> [B, A, H_l, W_l, F]`` raw logits.
+
+  ``[ImplicitA ->] 1x1 conv [-> ImplicitM]`` with variables ``[ia_l,] m_l[, im_l]``.
+  """
+  if implicit:
+    x = ImplicitA(name=f'ia_{level}')(x)
+  x = _head_conv(
+    x, stride=stride, num_anchors=num_anchors, num_classes=num_classes, name=f'm_{level}'
+  )  # [B, H_l, W_l, A * F]
+  if implicit:
+    x = ImplicitM(name=f'im_{level}')(x)
+  return _split_anchors(x, num_anchors)
 
 
 def decode_cxcywh(
@@ -161,17 +201,13 @@ class IAuxDetect(nn.Module):
     return len(self.anchors[0])
 
   def _conv(self, x: jax.Array, *, level: int, name: str) -> jax.Array:
-    prior = head_bias_prior(
-      stride=self.strides[level], num_anchors=self.num_anchors, num_classes=self.num_classes
-    )
-    conv = nn.Conv(
-      self.num_anchors * (5 + self.num_classes),
-      (1, 1),
-      kernel_init=torch_default_init,
-      bias_init=_prior_bias_init(fan_in=x.shape[-1], prior=prior),
+    return _head_conv(
+      x,
+      stride=self.strides[level],
+      num_anchors=self.num_anchors,
+      num_classes=self.num_classes,
       name=name,
-    )
-    return conv(x)  # [B, H_l, W_l, A * F]
+    )  # [B, H_l, W_l, A * F]
 
   @nn.compact
   def __call__(
@@ -185,15 +221,17 @@ class IAuxDetect(nn.Module):
         f'IAuxDetect with {levels} levels takes {2 * levels} feature maps '
         f'({levels} lead, {levels} auxiliary), got {len(features)}'
       )
-    lead = []
-    for level in range(levels):
-      x = features[level]
-      if not self.fused:
-        x = ImplicitA(name=f'ia_{level}')(x)
-      x = self._conv(x, level=level, name=f'm_{level}')  # [B, H_l, W_l, A * F]
-      if not self.fused:
-        x = ImplicitM(name=f'im_{level}')(x)
-      lead.append(_split_anchors(x, self.num_anchors))  # [B, A, H_l, W_l, F]
+    lead = [
+      _lead_level(
+        features[level],
+        level=level,
+        implicit=not self.fused,
+        stride=self.strides[level],
+        num_anchors=self.num_anchors,
+        num_classes=self.num_classes,
+      )
+      for level in range(levels)
+    ]  # L x [B, A, H_l, W_l, F]
     if not (train or self.is_initializing()):
       return decode(lead, anchors=self.anchors, strides=self.strides)  # [B, R, F]
     aux = []
@@ -209,6 +247,68 @@ class IAuxDetect(nn.Module):
     if not train:
       return decode(lead, anchors=self.anchors, strides=self.strides)  # [B, R, F]
     return (*lead, *aux)
+
+
+class IDetect(nn.Module):
+  """The lead detection head alone over ``L`` levels: the deploy head.
+
+  Call with ``L`` feature maps, each ``[B, H_l, W_l, I_l]``.
+
+  * ``train=True``: a tuple of ``L`` raw outputs, each ``[B, A, H_l, W_l, F]``.
+  * ``train=False``: the decoded outputs ``[B, R, F]`` (see :func:`decode`).
+
+  A model ending in this head does not train here (the loss needs the
+  auxiliary outputs); it is what :func:`reorg_jax.models.deploy.deploy` makes
+  of a trained :class:`IAuxDetect` model, and what upstream's deploy files
+  hold.
+
+  Attributes:
+    num_classes: ``C``.
+    anchors: per level, ``A`` anchor ``(width, height)`` pairs in pixels.
+    strides: per level, pixels per grid cell.
+    implicit: each level is ``ImplicitA -> 1x1 conv -> ImplicitM`` (variables
+      ``ia_l``, ``m_l``, ``im_l``; the original's ``IDetect``); without, the
+      ``1x1`` conv ``m_l`` alone (the original's ``Detect``).
+  """
+
+  num_classes: int
+  anchors: Anchors
+  strides: tuple[int, ...]
+  implicit: bool = False
+
+  @property
+  def num_levels(self) -> int:
+    return len(self.anchors)
+
+  @property
+  def num_anchors(self) -> int:
+    return len(self.anchors[0])
+
+  @nn.compact
+  def __call__(
+    self, features: Sequence[jax.Array], *, train: bool
+  ) -> tuple[jax.Array, ...] | jax.Array:
+    levels = self.num_levels
+    if len(self.strides) != levels:
+      raise ValueError(f'{levels} anchor sets but {len(self.strides)} strides')
+    if len(features) != levels:
+      raise ValueError(
+        f'IDetect with {levels} levels takes {levels} feature maps, got {len(features)}'
+      )
+    lead = tuple(
+      _lead_level(
+        features[level],
+        level=level,
+        implicit=self.implicit,
+        stride=self.strides[level],
+        num_anchors=self.num_anchors,
+        num_classes=self.num_classes,
+      )
+      for level in range(levels)
+    )  # L x [B, A, H_l, W_l, F]
+    if train:
+      return lead
+    return decode(lead, anchors=self.anchors, strides=self.strides)  # [B, R, F]
 
 
 def fuse_implicit(head_params: dict, *, num_levels: int) -> dict:

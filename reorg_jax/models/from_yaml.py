@@ -13,8 +13,12 @@ the anchors and no value.
 
 Supported modules: ``ReOrg``, ``Conv``, ``DownC``, ``SPPCSPC``, ``Concat``,
 ``Shortcut``, ``nn.Upsample`` (nearest, integer factor), ``MP``, ``SP`` and,
-as the last layer, ``IAuxDetect``. This covers the W6, E6, D6 and E6E training
-configurations. Anything else raises a ``ValueError`` naming the layer, as do
+as the last layer, a detection head: ``IAuxDetect`` (``2L`` inputs, lead then
+auxiliary; the training head) or, for deploy models, ``IDetect`` (``L``
+inputs, with implicit layers) or ``Detect`` (``L`` inputs, plain convs), both
+built as :class:`~reorg_jax.models.detect.IDetect`. This covers the W6, E6, D6
+and E6E training and deploy configurations. Anything else raises a
+``ValueError`` naming the layer, as do
 wrong argument types, sources that are not earlier layers, inputs of
 different strides to a concatenation, and similar mistakes.
 """
@@ -24,23 +28,22 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import pathlib
 from collections.abc import Callable, Mapping, Sequence
 from fractions import Fraction
 from typing import Any
 
 import flax.linen as nn
-import yaml
 
+from reorg_jax import yaml_file
 from reorg_jax.models import layers
-from reorg_jax.models.detect import IAuxDetect
+from reorg_jax.models.detect import IAuxDetect, IDetect
 
 try:
   from importlib.resources.abc import Traversable
 except ImportError:  # Python 3.10
   from importlib.abc import Traversable
 
-__all__ = ['LayerSpec', 'load_config', 'parse_config']
+__all__ = ['HEADS', 'LayerSpec', 'load_config', 'parse_config']
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,14 +82,10 @@ def load_config(path: str | os.PathLike | Traversable) -> dict[str, Any]:
     ValueError: the file cannot be read, is not valid YAML or holds no
       mapping (the message starts with the path).
   """
-  source = pathlib.Path(path) if isinstance(path, (str, os.PathLike)) else path
   try:
-    config = yaml.safe_load(source.read_text())
-  except OSError as error:
-    raise ValueError(f'{path}: cannot read the model file: {error.strerror or error}') from None
-  except yaml.YAMLError as error:
-    detail = ' '.join(str(error).split())
-    raise ValueError(f'{path}: the model file is not valid YAML: {detail}') from None
+    config = yaml_file.read(path)
+  except yaml_file.YamlFileError as error:
+    raise ValueError(str(error)) from None
   if not isinstance(config, dict):
     raise ValueError(f'{path}: a model file must hold a mapping, got {type(config).__name__}')
   return config
@@ -245,21 +244,22 @@ def _sp(context: _Context) -> _Built:
   return layers.MaxPool, pool, channels, stride * step
 
 
-def _head(context: _Context) -> _Built:
+def _head_arguments(context: _Context, *, auxiliary: bool) -> dict[str, Any]:
+  """``num_classes``, ``anchors`` and ``strides`` of a head with ``2L`` (``auxiliary``) or ``L`` inputs."""
   kwargs = _positional(context, ('num_classes', 'anchors'), required=2)
   num_classes, anchors = kwargs['num_classes'], kwargs['anchors']
   if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
     raise _fail(context, f'number of classes must be a positive integer, got {num_classes!r}')
   anchors = _anchor_pairs(context, anchors)
   levels = len(anchors)
-  if len(context.in_strides) != 2 * levels:
+  inputs = 2 * levels if auxiliary else levels
+  if len(context.in_strides) != inputs:
+    which = ' (lead then auxiliary)' if auxiliary else ''
     raise _fail(
-      context,
-      f'{levels} anchor levels need {2 * levels} inputs (lead then auxiliary), '
-      f'got {len(context.in_strides)}',
+      context, f'{levels} anchor levels need {inputs} inputs{which}, got {len(context.in_strides)}'
     )
   lead, aux = context.in_strides[:levels], context.in_strides[levels:]
-  if lead != aux:
+  if auxiliary and lead != aux:
     raise _fail(
       context,
       f'lead strides {[str(s) for s in lead]} differ from auxiliary {[str(s) for s in aux]}',
@@ -270,12 +270,22 @@ def _head(context: _Context) -> _Built:
   if any(s.denominator != 1 for s in lead):
     raise _fail(context, f'head inputs need integer strides, got {[str(s) for s in lead]}')
   strides = tuple(int(s) for s in lead)
-  return (
-    IAuxDetect,
-    {'num_classes': num_classes, 'anchors': anchors, 'strides': strides},
-    0,
-    lead[0],
-  )
+  return {'num_classes': num_classes, 'anchors': anchors, 'strides': strides}
+
+
+def _aux_head(context: _Context) -> _Built:
+  kwargs = _head_arguments(context, auxiliary=True)
+  return IAuxDetect, kwargs, 0, context.in_strides[0]
+
+
+def _implicit_head(context: _Context) -> _Built:
+  kwargs = _head_arguments(context, auxiliary=False)
+  return IDetect, {**kwargs, 'implicit': True}, 0, context.in_strides[0]
+
+
+def _plain_head(context: _Context) -> _Built:
+  kwargs = _head_arguments(context, auxiliary=False)
+  return IDetect, {**kwargs, 'implicit': False}, 0, context.in_strides[0]
 
 
 def _anchor_pairs(context: _Context, anchors: Any) -> tuple[tuple[tuple[float, float], ...], ...]:
@@ -309,8 +319,13 @@ _MODULES: dict[str, tuple[_Handler, bool]] = {
   'nn.Upsample': (_upsample, False),
   'MP': (_mp, False),
   'SP': (_sp, False),
-  'IAuxDetect': (_head, True),
+  'IAuxDetect': (_aux_head, True),
+  'IDetect': (_implicit_head, True),
+  'Detect': (_plain_head, True),
 }
+
+# the detection heads, one of which ends every model (and nothing else does)
+HEADS = frozenset({'IAuxDetect', 'IDetect', 'Detect'})
 
 # modules whose `number` the original passes to the constructor (unused) instead of repeating
 _NUMBER_IGNORED = frozenset({'DownC', 'SPPCSPC'})
@@ -372,10 +387,12 @@ def parse_config(
     origin, number, name, args = row
     if not isinstance(name, str) or name not in _MODULES:
       raise ValueError(f'{label}: module {name!r} is not supported; supported: {sorted(_MODULES)}')
-    if name == 'IAuxDetect' and index != len(rows) - 1:
-      raise ValueError(f'{label}: IAuxDetect must be the last layer')
-    if index == len(rows) - 1 and name != 'IAuxDetect':
-      raise ValueError(f'{label}: the last layer must be IAuxDetect')
+    if name in HEADS and index != len(rows) - 1:
+      raise ValueError(f'{label}: {name} must be the last layer')
+    if index == len(rows) - 1 and name not in HEADS:
+      raise ValueError(
+        f'{label}: the last layer must be a detection head ({", ".join(sorted(HEADS))})'
+      )
     sources = _resolve_sources(label, origin, index)
     if not isinstance(number, int) or number < 1:
       raise ValueError(f'{label}: number must be a positive integer, got {number!r}')

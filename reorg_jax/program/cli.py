@@ -11,7 +11,7 @@ import argparse
 from collections.abc import Sequence
 from types import ModuleType
 
-from reorg_jax.program import commands
+from reorg_jax.program import commands, interrupts
 
 __all__ = ['build_parser', 'command_parser', 'main']
 
@@ -53,7 +53,15 @@ def build_parser(*, prog: str = 'reorg-jax') -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  """Runs ``reorg-jax``; returns the exit status of the command."""
-  parser = build_parser()
-  args = parser.parse_args(argv)
-  return args.command_module.run(args)
+  """Runs ``reorg-jax``; returns the exit status of the command.
+
+  Ctrl-C and SIGTERM end any command with one line and status 130 or 143
+  (:mod:`reorg_jax.program.interrupts`), from the first moment on.
+  """
+  with interrupts.handling():
+    try:
+      parser = build_parser()
+      args = parser.parse_args(argv)
+      return args.command_module.run(args)
+    except interrupts.Interrupted as error:
+      return interrupts.finish(error)

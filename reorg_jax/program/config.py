@@ -35,8 +35,10 @@ from typing import Any
 import yaml
 
 from reorg_jax import loss as loss_lib
+from reorg_jax import yaml_file
 from reorg_jax.data import augment
 from reorg_jax.models import yolo
+from reorg_jax.models.detect import IAuxDetect
 from reorg_jax.program.sections import RunConfig, resolve
 from reorg_jax.training import assembly, optim
 
@@ -96,11 +98,9 @@ def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
   """A YAML mapping from ``path`` (an empty file gives ``{}``)."""
   path = Path(path)
   try:
-    content = yaml.safe_load(path.read_text())
-  except OSError as error:
-    raise ConfigError(f'cannot read config {path}: {error}') from None
-  except yaml.YAMLError as error:
-    raise ConfigError(f'config {path} is not valid YAML: {error}') from None
+    content = yaml_file.read(path)
+  except yaml_file.YamlFileError as error:
+    raise ConfigError(str(error)) from None
   if content is None:
     return {}
   if not isinstance(content, dict):
@@ -254,14 +254,22 @@ def boxes_per_image(model: yolo.YOLO, *, image_size: int) -> int:
 def check_model(
   config: dict[str, Any], model: yolo.YOLO, *, origins: dict[str, str] | None = None
 ) -> None:
-  """Raises :class:`ConfigError` when the image size does not suit ``model`` or evaluation.
+  """Raises :class:`ConfigError` when ``model`` does not train or the image size does not suit it.
 
-  The side must be a multiple of the model's largest stride, and the model
-  must predict at least ``eval.max_detections`` boxes per image at it.
+  The model must end in the training head (``IAuxDetect``; a deploy model's
+  ``Detect`` or ``IDetect`` head has no auxiliary outputs to train), the side
+  must be a multiple of the model's largest stride, and the model must
+  predict at least ``eval.max_detections`` boxes per image at it.
   """
   checker = _Checker(config, origins)
   size, stride = config['train']['image_size'], model.max_stride
   name = config['model']['name']
+  checker.require(
+    'model.name',
+    lambda _: model.head.module is IAuxDetect,
+    f'is a deploy model (its last layer is {model.head.name}, without the auxiliary head), '
+    'which does not train: give its training model file, ending in IAuxDetect',
+  )
   checker.require(
     'train.image_size', lambda v: v % stride == 0, f"must be a multiple of {name}'s stride {stride}"
   )
@@ -387,6 +395,8 @@ def check(config: dict[str, Any], *, origins: dict[str, str] | None = None) -> N
     lambda v: v in ('float32', 'bfloat16'),
     "must be 'float32' or 'bfloat16'",
   )
+  remats = [policy.value for policy in yolo.Remat]
+  checker.require('train.remat', lambda v: v in remats, f'must be one of {remats}')
   if config['data']['yaml'] is None:
     batch = config['train']['batch_size']
     checker.require(

@@ -48,17 +48,20 @@ from typing import Any
 
 import jax
 
-from reorg_jax.data import dataset, loader, prefetch, synthetic
+from reorg_jax.data import dataset, fingerprint, loader, prefetch, synthetic
 from reorg_jax.models import yolo
 from reorg_jax.program import config as config_lib
-from reorg_jax.program import evaluation, report, rundir, weights
+from reorg_jax.program import evaluation, interrupts, report, rundir, weights
 from reorg_jax.program.pieces import Reports, Run, dataset_yaml, load_splits
 from reorg_jax.program.rundir import RunError
 from reorg_jax.program.sections import RunConfig
 from reorg_jax.training import assembly, checkpoint, integrity, optim
 from reorg_jax.training import step as train_lib
 
-__all__ = ['Result', 'RunError', 'run', 'setup']
+__all__ = ['FINGERPRINT', 'Result', 'RunError', 'run', 'setup']
+
+# The run directory's record of the dataset it trains on.
+FINGERPRINT = 'dataset.json.gz'
 
 
 @dataclasses.dataclass
@@ -155,6 +158,7 @@ def setup(
     compute_dtype=config.model.dtype,
     variables=variables,
     frozen_layers=tcfg.freeze,
+    remat=yolo.Remat(tcfg.remat),
   )
   _, state_sharding, batch_sharding = train_lib.data_parallel(pieces.state)
   train_lib.process_shard(batch_sharding)  # the feed's row blocks match the devices
@@ -186,6 +190,7 @@ def run(
   resume: bool,
   start: weights.Weights | None = None,
   allow_partial: bool = False,
+  accept_changed_data: bool = False,
 ) -> Result:
   """Trains as ``config`` says, writing everything under ``workdir``.
 
@@ -193,27 +198,35 @@ def run(
     config: the resolved configuration (:func:`reorg_jax.program.config.load`).
     workdir: the run directory (created if missing).
     resume: continue from the newest checkpoint in ``workdir`` that verifies
-      (a fresh start when there is none); without it, a ``workdir`` holding
-      checkpoints is an error.
+      (a ``workdir`` without a complete checkpoint is an error); without it, a
+      ``workdir`` holding checkpoints is an error.
     start: weights to start from (``--weights``), transferred by name and
       shape (:func:`reorg_jax.program.weights.transfer`) before anything is
       written; ``None``: a fresh initialisation from ``jax.random.key(seed)``.
     allow_partial: go on when fewer than
       :data:`~reorg_jax.program.weights.PARTIAL_SHARE` of the model's tensors transfer.
+    accept_changed_data: resume although the dataset differs from the
+      fingerprint the run recorded (:mod:`reorg_jax.data.fingerprint`).
 
   Raises:
     reorg_jax.program.weights.WeightsError: ``start`` transfers nothing, or
       too little without ``allow_partial``.
     reorg_jax.training.step.NonFiniteError: a step's loss or gradient was not
       finite (nothing from that step is saved).
-    reorg_jax.data.dataset.YoloDatasetError: malformed dataset (file and line named).
+    reorg_jax.data.dataset.DatasetError: malformed dataset (file and line named),
+      or, on resume, a dataset that changed since the run recorded it.
     reorg_jax.program.config.ConfigError: unusable options, model file or dataset size
       (raised before anything is written).
+    reorg_jax.program.rundir.WorkdirError: ``workdir`` is not a folder, or
+      ``resume`` finds no complete checkpoint in it (nothing written).
+    reorg_jax.program.interrupts.Interrupted: SIGINT or SIGTERM (the writes in
+      flight waited for; its ``detail`` says where the run stopped).
     RunError: the run directory is in use by another run, holds another run,
       cannot be written (disk full, read-only), or all its checkpoints are
       damaged.
   """
   workdir = Path(workdir)
+  rundir.check_workdir_path(workdir, resume=resume)
   splits = None
   if config.data.yaml is not None:  # read-only checks before anything is written
     splits = load_splits(config, Path(config.data.yaml))
@@ -233,24 +246,110 @@ def run(
       seed=config.seed,
       allow_partial=allow_partial,
     )
+  position = _Position()
+
+  def describe() -> str:
+    """Where an interrupted run stands, for the line it ends with."""
+    if position.step is None:
+      done = 'before training'
+    else:
+      done = f'after {position.step} of {position.total} steps'
+    return f'{done}; {rundir.resume_hint(workdir)}'
+
+  def settle() -> None:
+    if position.checkpoints is not None:
+      position.checkpoints.wait()
+
+  temporaries = (workdir / 'checkpoints' / 'steps', workdir / 'checkpoints' / 'best')
   try:
-    workdir.mkdir(parents=True, exist_ok=True)
-    with rundir.RunLock(rundir.lock_path(workdir)):
-      rundir.check_workdir(workdir, config.options, resume=resume)
-      if jax.process_index() == 0:
-        config_lib.dump(config.options, workdir / 'config.yaml')
-      pieces = setup(
-        config,
-        data_path=dataset_yaml(config, workdir=workdir),
-        splits=splits,
-        variables=variables,
-      )
-      try:
-        return _train(pieces, workdir=workdir, resume=resume, notes=notes)
-      finally:
-        pieces.close()
+    with interrupts.on_stop(
+      describe=describe,
+      settle=settle,
+      temporaries=temporaries,
+      deferred=True,
+    ):
+      workdir.mkdir(parents=True, exist_ok=True)
+      with rundir.RunLock(rundir.lock_path(workdir)):
+        rundir.check_workdir(workdir, config.options, resume=resume)
+        data_path = dataset_yaml(config, workdir=workdir)  # writes the synthetic data once
+        if splits is None:
+          splits = load_splits(config, data_path)
+        dataset_notes = _check_dataset(
+          workdir, data_path, splits, resume=resume, accept_changed=accept_changed_data
+        )
+        if jax.process_index() == 0:
+          for name, split in zip(('train', 'val'), splits, strict=True):
+            print(split.counts.line(name) if split.counts else f'{name}: {len(split)} images')
+          for note in dataset_notes:
+            print(note)
+          config_lib.dump(config.options, workdir / 'config.yaml')
+          fingerprint.write(_fingerprint_of(splits), workdir / FINGERPRINT)
+        pieces = setup(config, data_path=data_path, splits=splits, variables=variables)
+        try:
+          return _train(pieces, workdir=workdir, resume=resume, notes=notes, position=position)
+        finally:
+          pieces.close()
   except OSError as error:
     raise rundir.write_failure(error, workdir) from None
+  except interrupts.Interrupted as stop:  # the writes in flight have been waited for
+    cut = interrupts.remove_temporaries(temporaries)
+    stop.detail = describe() + ('; a checkpoint write cut short was removed' if cut else '')
+    raise
+
+
+def _fingerprint_of(
+  splits: tuple[dataset.YoloDataset, dataset.YoloDataset],
+) -> fingerprint.Fingerprint:
+  return fingerprint.of_splits(dict(zip(('train', 'val'), splits, strict=True)))
+
+
+def _check_dataset(
+  workdir: Path,
+  data_path: Path,
+  splits: tuple[dataset.YoloDataset, dataset.YoloDataset],
+  *,
+  resume: bool,
+  accept_changed: bool,
+) -> tuple[str, ...]:
+  """On resume, compares the dataset with the fingerprint the run recorded; the notes to print.
+
+  Raises:
+    reorg_jax.data.dataset.DatasetError: the dataset changed and not ``accept_changed``.
+  """
+  path = workdir / FINGERPRINT
+  if not resume:
+    return ()
+  if not path.is_file():
+    return (f'the run directory had no dataset fingerprint ({FINGERPRINT}): recording it now',)
+  try:
+    before = fingerprint.read(path)
+  except ValueError as error:
+    return (f'{error}: recording it anew',)
+  changes = fingerprint.compare(before, _fingerprint_of(splits))
+  if not changes:
+    return ()
+  what = fingerprint.describe(changes)
+  if not accept_changed:
+    raise dataset.DatasetError(
+      f'{data_path}: the dataset changed since this run last started ({what}); '
+      'pass --accept-changed-data to resume on it as it is now'
+    )
+  return (f'the dataset changed since this run last started ({what}): going on with it',)
+
+
+@dataclasses.dataclass
+class _Position:
+  """How far a run has come, for an interruption's line.
+
+  Attributes:
+    step: steps done or dispatched (``None`` before training starts).
+    total: steps of the run (``None`` before training starts).
+    checkpoints: the run's checkpoints, whose writes a stop waits for.
+  """
+
+  step: int | None = None
+  total: int | None = None
+  checkpoints: checkpoint.Checkpoints | None = None
 
 
 @dataclasses.dataclass
@@ -314,8 +413,10 @@ def _start_from(
   return moved.variables, tuple(moved.lines(start))
 
 
-def _train(pieces: Run, *, workdir: Path, resume: bool, notes: tuple[str, ...]) -> Result:
-  """:func:`run` once the run directory is locked and checked."""
+def _train(
+  pieces: Run, *, workdir: Path, resume: bool, notes: tuple[str, ...], position: _Position
+) -> Result:
+  """:func:`run` once the run directory is locked and checked; keeps ``position`` current."""
   config = pieces.config
   is_main_process = jax.process_index() == 0  # the process that writes and prints
   tcfg, ccfg, lcfg = config.train, config.checkpoint, config.log
@@ -333,6 +434,7 @@ def _train(pieces: Run, *, workdir: Path, resume: bool, notes: tuple[str, ...]) 
       raise RunError(f'cannot resume: {error}') from None
     if restored is not None:
       state, start, skipped = restored.state, int(restored.state.step), restored.skipped
+  position.step, position.total, position.checkpoints = start, total, ckpt
 
   reports = Reports(
     steps=report.Table(
@@ -402,6 +504,8 @@ def _train(pieces: Run, *, workdir: Path, resume: bool, notes: tuple[str, ...]) 
           pending.steps.append((g, epoch, float(hparams.lrs[optim.DECAY])))
           pending.metrics.append(metrics)
           g += 1
+          position.step = g
+          interrupts.check()  # a signal stops the run here, between two steps
           epoch_done = g % spe == 0
           if not (
             len(pending.steps) >= lcfg.every_steps or epoch_done or g == total or ckpt.is_due(g)
@@ -431,7 +535,7 @@ def _train(pieces: Run, *, workdir: Path, resume: bool, notes: tuple[str, ...]) 
     if start == total and ckpt.latest_step != total:
       ckpt.save(total, state, metadata={'epoch': (total - 1) // spe, **meta}, force=True)
   finally:
-    reports.close()
+    reports.close()  # waits for the checkpoint writes in flight
 
   metric_name = ccfg.best_metric
   best = evaluation.best_epoch(reports.epochs.rows, metric_name)

@@ -23,11 +23,45 @@ import jax
 from reorg_jax.program import config as config_lib
 from reorg_jax.training import checkpoint, integrity
 
-__all__ = ['RunError', 'RunLock', 'check_workdir', 'lock_path', 'newest_complete', 'write_failure']
+__all__ = [
+  'RunError',
+  'RunLock',
+  'WorkdirError',
+  'check_workdir',
+  'check_workdir_path',
+  'lock_path',
+  'newest_complete',
+  'resume_hint',
+  'write_failure',
+]
 
 
 class RunError(RuntimeError):
   """The run directory or devices do not fit the requested run."""
+
+
+class WorkdirError(ValueError):
+  """``--workdir`` cannot be the run asked for: not a folder, or nothing in it to resume."""
+
+
+def check_workdir_path(workdir: Path, *, resume: bool) -> None:
+  """Raises :class:`WorkdirError` before anything is read or written, when
+
+  * ``workdir`` exists and is not a folder;
+  * ``resume`` and ``workdir`` holds no complete periodic checkpoint (a
+    misspelled or empty ``--workdir`` would otherwise start afresh).
+  """
+  if workdir.exists() and not workdir.is_dir():
+    raise WorkdirError(f'--workdir {workdir} exists and is not a folder')
+  if not resume:
+    return
+  if not workdir.exists():
+    raise WorkdirError(f'--resume: {workdir} does not exist, so there is no run to resume')
+  if newest_complete(workdir) == 'none yet':
+    raise WorkdirError(
+      f'--resume: {workdir} holds no complete checkpoint (in {workdir / "checkpoints" / "steps"}) '
+      'to resume from; start the run without --resume'
+    )
 
 
 def check_workdir(workdir: Path, current: dict[str, Any], *, resume: bool) -> None:
@@ -39,7 +73,13 @@ def check_workdir(workdir: Path, current: dict[str, Any], *, resume: bool) -> No
     resume: whether this run continues the one in ``workdir``.
   """
   saved_path = workdir / 'config.yaml'
-  has_run = (workdir / 'checkpoints').is_dir() and any((workdir / 'checkpoints').iterdir())
+  # A run that stopped before its first complete checkpoint left nothing to resume (and
+  # --resume refuses it): it may start again.
+  has_run = any(
+    path.name.isdigit()
+    for kind in ('steps', 'best')
+    for path in (workdir / 'checkpoints' / kind).glob('*')
+  )
   if not resume and has_run:
     raise RunError(
       f'{workdir} already holds the checkpoints of a run: pass --resume to continue it, '
@@ -108,6 +148,14 @@ def newest_complete(workdir: Path) -> str:
   marker = checkpoint.ocp.path.atomicity.COMMIT_SUCCESS_FILE
   done = sorted(int(p.name) for p in steps.glob('*') if p.name.isdigit() and (p / marker).exists())
   return f'step {done[-1]} in {steps}' if done else 'none yet'
+
+
+def resume_hint(workdir: Path) -> str:
+  """Where ``--resume`` would continue from, in words, for a run that stopped."""
+  newest = newest_complete(workdir)
+  if newest == 'none yet':
+    return 'no checkpoint was complete yet (start the run again without --resume)'
+  return f'newest complete checkpoint: {newest} (--resume continues from it)'
 
 
 def write_failure(error: OSError, workdir: Path) -> RunError:

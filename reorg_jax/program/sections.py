@@ -72,13 +72,14 @@ class ModelSection:
 
 @dataclasses.dataclass(frozen=True)
 class TrainSection:
-  """``train``: epochs, batch (all devices), image side ``S`` and the loader's workers."""
+  """``train``: epochs, batch (all devices), image side ``S``, recomputation, the loader's workers."""
 
   epochs: int
   batch_size: int
   image_size: int
   max_steps: int | None
   freeze: int
+  remat: str
   loader_threads: int
   loader_workers: int
   prefetch: int

@@ -3,7 +3,8 @@
 Glossary: ``B`` batch, ``S`` image side, ``C`` classes.
 
 :func:`prepare` reads and checks everything before any work (the weights, the
-dataset, the model, the sizes) and returns a :class:`Plan`, raising
+dataset, the model and its variables (:mod:`reorg_jax.program.network`), the
+sizes) and returns a :class:`Plan`, raising
 :class:`BadInput` (one line) for what cannot be used. :func:`validate` runs
 the model over the split's letterboxed images as the training run's
 evaluation does (:func:`reorg_jax.program.evaluation.timed_detector`: the
@@ -16,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -26,11 +26,11 @@ import numpy as np
 from reorg_jax import boxes as box_lib
 from reorg_jax import evaluate
 from reorg_jax.data import dataset, loader, prefetch
-from reorg_jax.models import convert, yolo
+from reorg_jax.models import yolo
 from reorg_jax.program import config as config_lib
-from reorg_jax.program import evaluation
+from reorg_jax.program import evaluation, network
 from reorg_jax.program import weights as weights_lib
-from reorg_jax.training import assembly
+from reorg_jax.program.network import DEFAULT_IMAGE_SIZE, BadInput
 from reorg_jax.training import step as train_lib
 
 __all__ = [
@@ -43,12 +43,7 @@ __all__ = [
   'validate',
 ]
 
-DEFAULT_IMAGE_SIZE = 640  # upstream's test.py
 DEFAULT_BATCH_SIZE = 16
-
-
-class BadInput(ValueError):
-  """Input found unusable before anything is written (exit status 2)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,76 +71,6 @@ class Plan:
   image_size: int
   batch_size: int
   image_ids: tuple[int | str, ...]
-
-
-def _run_options(run: Path) -> dict[str, Any]:
-  """``image_size`` and ``data`` (the dataset YAML, ``None``: synthetic) a run of ours trained with."""
-  import yaml
-
-  try:
-    options = yaml.safe_load((run / 'config.yaml').read_text())
-    return {'image_size': int(options['train']['image_size']), 'data': options['data']['yaml']}
-  except (OSError, yaml.YAMLError, KeyError, TypeError, ValueError) as error:
-    raise BadInput(f"{run / 'config.yaml'}: cannot read the run's options ({error})") from None
-
-
-def _class_count(weights: weights_lib.Weights) -> int | None:
-  """``C`` of the weights when the file says (its class names, else its model's ``nc``)."""
-  if weights.class_names is not None:
-    return len(weights.class_names)
-  if isinstance(weights.model_yaml, Mapping) and isinstance(weights.model_yaml.get('nc'), int):
-    return weights.model_yaml['nc']
-  return None
-
-
-def _build_model(
-  weights: weights_lib.Weights, *, model: str | None, num_classes: int
-) -> tuple[yolo.YOLO, str]:
-  """The model ``--model`` or the weights name, with ``C`` classes and the file's anchors."""
-  anchors = None
-  if any(key.endswith('.anchor_grid') for key in weights.state_dict):
-    try:
-      anchors = convert.anchors_from_state_dict(weights.state_dict)
-    except ValueError as error:
-      raise BadInput(f'--weights {weights.path}: {error}') from None
-  if model is not None:
-    spec, origin = model, f'--model {model}'
-  elif weights.model_yaml is not None:
-    spec, origin = weights.model_yaml, f'the model of --weights {weights.path}'
-  else:
-    raise BadInput(
-      f'--weights {weights.path} ({weights.kind}) carries no model definition: give --model'
-    )
-  try:
-    if spec == 'p6_nano':
-      return yolo.p6_nano(num_classes=num_classes, anchors=anchors), 'p6_nano'
-    if isinstance(spec, Mapping):
-      return yolo.build_model(spec, num_classes=num_classes, anchors=anchors), origin
-    if not Path(spec).is_file():
-      raise BadInput(f"--model must be 'p6_nano' or a model YAML file, got {spec!r} (no such file)")
-    return yolo.build_model(Path(spec), num_classes=num_classes, anchors=anchors), spec
-  except BadInput:
-    raise
-  except (OSError, ValueError) as error:
-    raise BadInput(f'{origin}: {error}') from None
-
-
-def _variables(
-  weights: weights_lib.Weights, model: yolo.YOLO, *, model_name: str
-) -> dict[str, Any]:
-  """The model's variables, every tensor from ``weights`` (else :class:`BadInput` naming them)."""
-  moved = weights_lib.transfer(weights, model, assembly.zero_variables(model))
-  skipped = list(moved.skipped)
-  if weights.deploy:  # the aux head, which evaluation does not run, is not in a deploy file
-    skipped = [(key, why) for key, why in skipped if '.m2.' not in key]
-  if skipped:
-    shown = '; '.join(f'{key} ({why})' for key, why in skipped[:4])
-    more = f'; and {len(skipped) - 4} more' if len(skipped) > 4 else ''
-    raise BadInput(
-      f"--weights {weights.path} does not fit {model_name}: {len(skipped)} of the model's "
-      f'{moved.total} tensors differ from the file: {shown}{more}'
-    )
-  return moved.variables
 
 
 def _image_ids(split: dataset.YoloDataset) -> tuple[int | str, ...]:
@@ -203,7 +128,7 @@ def prepare(
     )
   weights = weights_lib.read(weights, use_ema=True)
   run = weights.run
-  options = _run_options(run) if run is not None else {}
+  options = network.run_options(run) if run is not None else {}
   if data is not None:
     data_path = Path(data)
   elif run is not None:
@@ -211,29 +136,29 @@ def prepare(
   else:
     raise BadInput(f'--weights {weights.path} is not a run of ours: give --data')
   classes = dataset.read_data_config(data_path).num_classes
-  expected = _class_count(weights)
+  expected = network.class_count(weights)
   if expected is not None and expected != classes:
     raise BadInput(
       f'--weights {weights.path} has {expected} classes, --data {data_path} {classes} (nc)'
     )
-  network, model_name = _build_model(weights, model=model, num_classes=classes)
+  net, model_name = network.build_model(weights, model=model, num_classes=classes)
   size = image_size or options.get('image_size', DEFAULT_IMAGE_SIZE)
-  if size % network.max_stride:
+  if size % net.max_stride:
     raise BadInput(
-      f"--img-size {size} is not a multiple of {model_name}'s largest stride {network.max_stride}"
+      f"--img-size {size} is not a multiple of {model_name}'s largest stride {net.max_stride}"
     )
-  boxes = config_lib.boxes_per_image(network, image_size=size)
+  boxes = config_lib.boxes_per_image(net, image_size=size)
   if boxes < max_detections:
     raise BadInput(
       f'--img-size {size} is too small for --max-det {max_detections}: {model_name} predicts '
       f'{boxes} boxes per image there'
     )
-  variables = _variables(weights, network, model_name=model_name)
+  variables = network.fill(weights, net, model_name=model_name)
   split = dataset.load_dataset(data_path, split=split_name, strict=True)
   devices = jax.device_count()
   return Plan(
     weights=weights,
-    model=network,
+    model=net,
     model_name=model_name,
     variables=variables,
     data_path=data_path,

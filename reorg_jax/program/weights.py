@@ -13,7 +13,17 @@ to arrays in PyTorch layout, the lingua franca of this module.
 * a run directory of ours (its best checkpoint, else its newest), or one
   checkpoint directory (``<run>/checkpoints/steps/<g>`` or ``.../best/<g>``):
   restored with the model of the run's own ``config.yaml`` and converted to a
-  state dict (:func:`reorg_jax.models.convert.export_state_dict`).
+  state dict (:func:`reorg_jax.models.convert.export_state_dict`);
+* a deploy checkpoint of ours (what ``reorg-jax export --include deploy``
+  writes): a directory holding :data:`DEPLOY_MODEL` (the deploy model file,
+  ``Detect`` head), :data:`DEPLOY_STATE` (its PyTorch ``state_dict``, which
+  upstream's ``Model`` of that file loads) and :data:`DEPLOY_META` (JSON:
+  ``format`` :data:`DEPLOY_FORMAT`, ``class_names``, ``source``), read
+  with no PyTorch.
+
+Upstream checkpoints carry their pickled model's config as ``model_yaml``
+(a deploy checkpoint's ends in ``IDetect`` or ``Detect``, which ``val`` and
+``detect`` build, and which does not train).
 
 Which weights of a file: for training (``use_ema=False``) the raw model, as
 upstream's ``train_aux.py --weights`` takes ``ckpt['model']``; for evaluation
@@ -41,6 +51,10 @@ from reorg_jax.models import convert, torch_checkpoint, torch_file
 from reorg_jax.models.yolo import YOLO
 
 __all__ = [
+  'DEPLOY_FORMAT',
+  'DEPLOY_META',
+  'DEPLOY_MODEL',
+  'DEPLOY_STATE',
   'PARTIAL_SHARE',
   'Transfer',
   'Weights',
@@ -53,6 +67,13 @@ __all__ = [
 # Below this share of the model's tensors transferred, --weights is an error
 # unless --allow-partial (a file of another architecture, or the wrong file).
 PARTIAL_SHARE = 0.5
+
+
+# A deploy checkpoint of ours: a directory holding these three files.
+DEPLOY_MODEL = 'model.yaml'
+DEPLOY_STATE = 'weights.pt'
+DEPLOY_META = 'deploy.json'
+DEPLOY_FORMAT = 'reorg-jax deploy checkpoint 1'
 
 
 class WeightsError(ValueError):
@@ -71,7 +92,7 @@ class Weights:
       model's ``yaml``, or our run's model), or ``None``.
     class_names: the model's class names when the file records them.
     entry: which weights were taken (``'model'``, ``'ema'``, ``'params'``...).
-    deploy: the file has no aux head (an upstream deploy checkpoint).
+    deploy: the file has no aux head (an upstream deploy checkpoint, or one of ours).
     run: the run directory of ours the weights come from, or ``None``.
   """
 
@@ -134,6 +155,8 @@ def read(path: str | os.PathLike, *, use_ema: bool = False) -> Weights:
   if not path.exists():
     raise WeightsError(f'--weights {path}: no such file or directory')
   if path.is_dir():
+    if (path / DEPLOY_META).is_file():
+      return _read_deploy(path)
     return _read_ours(path, use_ema=use_ema)
   try:
     ckpt = torch_checkpoint.load_checkpoint(path)
@@ -147,7 +170,7 @@ def read(path: str | os.PathLike, *, use_ema: bool = False) -> Weights:
   kind = 'upstream deploy checkpoint' if deploy else f'upstream {ckpt.kind} checkpoint'
   names = tuple(ckpt.class_names) if ckpt.class_names is not None else None
   spec = None
-  if ckpt.yaml is not None and not deploy:  # a deploy model (IDetect) is not what trains
+  if ckpt.yaml is not None:
     # The anchors the model trained with: autoanchor re-fits the buffers, not the yaml.
     spec = dict(ckpt.yaml)
     if any(key.endswith('.anchor_grid') for key in state):
@@ -160,6 +183,48 @@ def read(path: str | os.PathLike, *, use_ema: bool = False) -> Weights:
     names,
     entry='ema' if take_ema else 'model',
     deploy=deploy,
+  )
+
+
+def _read_deploy(path: Path) -> Weights:
+  """A deploy checkpoint of ours (see the module docstring)."""
+  import json
+
+  from reorg_jax.models import from_yaml
+
+  meta_path = path / DEPLOY_META
+  try:
+    meta = json.loads(meta_path.read_text())
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+    raise WeightsError(f'--weights {meta_path}: cannot be read as JSON ({error})') from None
+  names = meta.get('class_names') if isinstance(meta, dict) else None
+  if not isinstance(meta, dict) or meta.get('format') != DEPLOY_FORMAT:
+    raise WeightsError(
+      f'--weights {meta_path}: not a deploy checkpoint of ours (its format is not '
+      f'{DEPLOY_FORMAT!r})'
+    )
+  if not (isinstance(names, list) and names and all(isinstance(n, str) for n in names)):
+    raise WeightsError(f'--weights {meta_path}: class_names must be a list of names')
+  for name in (DEPLOY_MODEL, DEPLOY_STATE):
+    if not (path / name).is_file():
+      raise WeightsError(f'--weights {path}: the deploy checkpoint lacks {name}')
+  try:
+    spec = from_yaml.load_config(path / DEPLOY_MODEL)
+    ckpt = torch_checkpoint.load_checkpoint(path / DEPLOY_STATE)
+  except (ValueError, OSError) as error:
+    raise WeightsError(f'--weights: {error}') from None
+  if ckpt.kind != 'state_dict':
+    raise WeightsError(f'--weights {path / DEPLOY_STATE}: not a plain state_dict file')
+  source = meta.get('source')
+  entry = source.get('entry') if isinstance(source, dict) else None
+  return Weights(
+    path,
+    'deploy checkpoint of ours',
+    dict(ckpt.model),
+    spec,
+    tuple(names),
+    entry=entry if isinstance(entry, str) else 'model',
+    deploy=True,
   )
 
 

@@ -11,7 +11,9 @@ checkpoint (*_training.pt, read without running any of its code), an upstream
 deploy checkpoint (the aux head starts fresh), a PyTorch state_dict file, or a
 run directory or checkpoint of ours. Tensors are transferred by name and
 shape, as upstream's intersect_dicts: another class count keeps everything
-but the head's class-dependent tensors. The optimiser starts fresh.
+but the head's class-dependent tensors. The optimiser, the EMA and the schedule
+start fresh (upstream's train_aux.py would also load a checkpoint's optimiser
+state, EMA and epoch count when the file holds them).
 
 Exit status (every error is one line on stderr, no traceback):
   0  the run finished.
@@ -20,8 +22,20 @@ Exit status (every error is one line on stderr, no traceback):
      directory; the path and the newest complete checkpoint are named), every
      checkpoint is damaged, or a step's loss was not finite.
   2  bad input, found before anything is written or trained: an option's type
-     or range, the model file, the weights file, the dataset (file and line
-     named), or a dataset smaller than one batch.
+     or range, a YAML syntax error (file, line and column named), the model
+     file, the weights file, the dataset (file and line named; a label folder
+     whose files are named after none of the images; a box of zero width or
+     height), a dataset smaller than one batch, a --workdir that is not a
+     folder, --resume with no complete checkpoint to resume from, or --resume
+     over a dataset whose files changed since the run recorded them (the
+     changes named; --accept-changed-data goes on).
+  130, 143  stopped by SIGINT (Ctrl-C) or SIGTERM: the line names the steps
+     done and the checkpoint --resume continues from. Checkpoint writes in
+     flight are finished first (a second signal abandons them); a stop never
+     leaves a half-written checkpoint behind.
+
+Each split's counts are printed as it is loaded (images, labelled, without a
+label file, with an empty one, boxes, label files named after no image).
 """
 
 from __future__ import annotations
@@ -31,7 +45,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from reorg_jax.program import runtime
+from reorg_jax.program import interrupts, runtime
 
 __all__ = ['ORDER', 'OVERRIDES', 'SUMMARY', 'add_arguments', 'main', 'run']
 
@@ -105,6 +119,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     'the new dataset while the learned scales and shifts stay (default: 0)',
   )
   parser.add_argument(
+    '--accept-changed-data',
+    action='store_true',
+    help="with --resume: go on although the dataset's files differ from those the run recorded "
+    'when it last started (dataset.json.gz in the run directory: each image and label file with '
+    'its size and modification time); without it such a resume is an error naming what changed',
+  )
+  parser.add_argument(
     '--no-progress', action='store_true', help='no progress bar (epoch lines are still printed)'
   )
   runtime.add_runtime_arguments(parser, distributed=True)
@@ -120,13 +141,14 @@ def run(args: argparse.Namespace) -> int:
 
   from reorg_jax.data.dataset import DatasetError
   from reorg_jax.program import config as config_lib
-  from reorg_jax.program import loop, weights
+  from reorg_jax.program import loop, rundir, weights
   from reorg_jax.training.step import NonFiniteError
 
   overrides = {dotted: getattr(args, flag) for flag, dotted in OVERRIDES.items()}
   if args.no_progress:
     overrides['log.progress'] = False
   try:
+    rundir.check_workdir_path(Path(args.workdir), resume=args.resume)
     start = None
     if args.weights is not None:
       start = weights.read(args.weights)
@@ -153,8 +175,9 @@ def run(args: argparse.Namespace) -> int:
       resume=args.resume,
       start=start,
       allow_partial=args.allow_partial,
+      accept_changed_data=args.accept_changed_data,
     )
-  except (config_lib.ConfigError, DatasetError, weights.WeightsError) as error:
+  except (config_lib.ConfigError, DatasetError, weights.WeightsError, rundir.WorkdirError) as error:
     return runtime.fail(error, status=2)
   except (loop.RunError, NonFiniteError) as error:
     return runtime.fail(error, status=1)
@@ -165,7 +188,11 @@ def main(argv: Sequence[str] | None = None, *, prog: str = 'reorg-jax train') ->
   """``train`` on its own (``python -m train``); ``argv`` defaults to ``sys.argv[1:]``."""
   from reorg_jax.program import cli
 
-  parser = cli.command_parser(sys.modules[__name__], prog=prog)
-  args = parser.parse_args(argv)
-  args.command_parser = parser
-  return run(args)
+  with interrupts.handling():
+    try:
+      parser = cli.command_parser(sys.modules[__name__], prog=prog)
+      args = parser.parse_args(argv)
+      args.command_parser = parser
+      return run(args)
+    except interrupts.Interrupted as error:
+      return interrupts.finish(error)

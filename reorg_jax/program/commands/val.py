@@ -262,6 +262,8 @@ def run(args: argparse.Namespace) -> int:
     f'{plan.data_path} at {plan.image_size} px',
     flush=True,
   )
+  if split.counts is not None:
+    print(split.counts.line(args.task), flush=True)
   try:
     outcome = validation.validate(
       plan,
