@@ -339,11 +339,11 @@ def test_selection_is_upstreams_nms(scene):
   'hw', [(97, 131), (60, 131), (50, 120), (131, 40), (128, 128), (7, 300), (300, 300), (64, 65)]
 )
 def test_letterbox_is_upstreams(hw):
-  from sas_yolov7.utils.datasets import letterbox
+  from sas_yolov7.utils import datasets as upstream_data
 
   image = np.random.default_rng(hw[0] * 1000 + hw[1]).integers(0, 256, (*hw, 3), dtype=np.uint8)
   ours = detect_steps.letterbox(image, size=SIZE, stride=STRIDE)
-  theirs = letterbox(image, SIZE, stride=STRIDE)[0]
+  theirs = upstream_data.letterbox(image, SIZE, stride=STRIDE)[0]
   np.testing.assert_array_equal(ours, theirs)
   assert detect_steps.input_shape(hw, size=SIZE, stride=STRIDE) == ours.shape[:2]
   boxes = np.array([[-3.0, 5.5, 40.25, 60.0], [10.0, 0.0, 127.0, 63.0]])
