@@ -265,11 +265,11 @@ def measure_upstream(case: Case, *, boxes: int, repeats: int) -> dict:
     from reorg_jax.reference import oracle  # noqa: F401  (registers the stand-in the reference imports)
   import sas_yolov7
   import torch
-  import upstream_train_aux
   import yaml
   from sas_yolov7.models.yolo import Model
 
   from reorg_jax.models import yolo
+  from reorg_jax.reference import train_aux
 
   cuda = torch.cuda.is_available()
   device = torch.device('cuda:0' if cuda else 'cpu')
@@ -292,7 +292,7 @@ def measure_upstream(case: Case, *, boxes: int, repeats: int) -> dict:
   hyp['obj'] *= (case.image_size / 640) ** 2 * 3.0 / levels
   model.nc, model.hyp, model.gr = case.num_classes, hyp, 1.0
   compute_loss = reference.ComputeLossAuxOTA(model)
-  pg0, pg1, pg2 = upstream_train_aux.parameter_groups(model)
+  pg0, pg1, pg2 = train_aux.parameter_groups(model)
   optimizer = torch.optim.SGD(pg0, lr=0.01, momentum=hyp['momentum'], nesterov=True)
   optimizer.add_param_group({'params': pg1, 'weight_decay': hyp['weight_decay']})
   optimizer.add_param_group({'params': pg2})

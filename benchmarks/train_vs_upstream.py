@@ -17,7 +17,7 @@ optimiser recipe and the EMA:
 * **Upstream** is the reference package's ``Model``, ``ComputeLossAuxOTA``
   and ``ModelEMA`` with torch's Nesterov ``SGD`` over upstream's three
   parameter groups and ``LambdaLR``, in ``train_aux.py``'s loop (not in the
-  package; :mod:`upstream_train_aux` writes it from its formulas and lists
+  package; :mod:`reorg_jax.reference.train_aux` writes it from its formulas and lists
   them). Its hyper-parameters are upstream's ``hyp.scratch.p6.yaml`` with
   the run's ``recipe`` and ``loss`` values on top, so a default of ours that
   drifted from upstream's file shows as a difference.
@@ -226,9 +226,8 @@ def run_ours(config: dict[str, Any], side: pathlib.Path) -> None:
 
 def run_upstream(config: dict[str, Any], side: pathlib.Path, *, perturb: bool = False) -> None:
   """Upstream's loop; ``perturb``: from :func:`one_rounding_away` of the shared start."""
-  import upstream_train_aux
-
   from reorg_jax.program import loop
+  from reorg_jax.reference import train_aux
 
   pieces = loop.setup(config, data_path=pathlib.Path(config.data.yaml))
   try:
@@ -236,7 +235,7 @@ def run_upstream(config: dict[str, Any], side: pathlib.Path, *, perturb: bool = 
     if perturb:
       start = one_rounding_away(start, seed=config.seed)
     np.savez(side / 'initial.npz', **start)
-    result = upstream_train_aux.train(
+    result = train_aux.train(
       config,
       start=start,
       feed=pieces.feed,

@@ -12,7 +12,8 @@ an unreadable image, a file that is not an image, and a short video.
 Upstream's side is its own code: ``LoadImages`` (its letterbox), the EMA
 model as ``attempt_load`` loads it (fused, in evaluation mode),
 ``non_max_suppression`` (with an exact greedy suppression standing in for
-torchvision's, which is not installed here) and ``scale_coords``.
+torchvision's, which is not installed here) and ``scale_coords``, run by
+:mod:`reorg_jax.reference.detect_check`.
 """
 
 from __future__ import annotations
@@ -30,12 +31,18 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from sas_yolov7.utils.datasets import LoadImages
-from sas_yolov7.utils.general import box_iou, non_max_suppression, scale_coords
+from sas_yolov7.utils.general import scale_coords
 
 from reorg_jax.models import convert, yolo
 from reorg_jax.program import cli, detect_steps, detection
 from reorg_jax.program.commands import detect as detect_command
+from reorg_jax.reference.detect_check import (
+  UpstreamInput,
+  compare_detections,
+  upstream_detections,
+  upstream_inputs,
+  upstream_nms,
+)
 from reorg_jax.reference.models import perturbed_model
 
 SIZE = 128  # --img-size
@@ -57,26 +64,7 @@ class Scene:
   cache: Path
   model: torch.nn.Module  # upstream's, as attempt_load returns it
   upstream: dict[tuple[str, int], np.ndarray]  # (file name, frame) -> [n, 6] xyxy conf cls
-  inputs: dict[tuple[str, int], np.ndarray]  # (file name, frame) -> [1, 3, h, w] float input
-
-
-def greedy_nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torch.Tensor:
-  """torchvision.ops.nms: indices of the boxes kept, by decreasing score."""
-  overlaps = box_iou(boxes, boxes) > iou_threshold  # [N, N]
-  suppressed = torch.zeros(len(boxes), dtype=torch.bool)
-  keep = []
-  for i in torch.argsort(scores, descending=True, stable=True).tolist():
-    if not suppressed[i]:
-      keep.append(i)
-      suppressed |= overlaps[i]
-  return torch.tensor(keep, dtype=torch.int64)
-
-
-def upstream_nms(prediction: torch.Tensor, **kwargs) -> np.ndarray:
-  """Upstream's ``non_max_suppression`` of one image's ``[1, R, 5 + C]``: ``[n, 6]``."""
-  with pytest.MonkeyPatch.context() as patch:
-    patch.setattr(sys.modules['torchvision.ops'], 'nms', greedy_nms, raising=False)
-    return non_max_suppression(prediction.clone(), **kwargs)[0].numpy().astype(np.float64)
+  inputs: dict[tuple[str, int], UpstreamInput]  # (file name, frame) -> [1, 3, h, w] input, (H, W)
 
 
 def _write_checkpoint(path: Path) -> None:
@@ -132,18 +120,9 @@ def scene(tmp_path_factory) -> Scene:
   _write_source(source, np.random.default_rng(0))
   # Upstream's attempt_load: the EMA entry in float32, fused, in evaluation mode.
   model = torch.load(weights, weights_only=False)['ema'].float().fuse().eval()
-  upstream, inputs = {}, {}
-  for name in [name for name, _, _ in IMAGES] + [VIDEO]:
-    loader = LoadImages(str(source / name), img_size=SIZE, stride=STRIDE)
-    for path, img, im0, _ in loader:
-      frame = getattr(loader, 'frame', 0)  # as upstream's detect.py
-      x = torch.from_numpy(img).float()[None] / 255.0
-      with torch.no_grad():
-        prediction = model(x)[0]
-      found = upstream_nms(prediction, conf_thres=CONF, iou_thres=IOU)
-      found[:, :4] = scale_coords(x.shape[2:], torch.from_numpy(found[:, :4]), im0.shape).numpy()
-      upstream[(Path(path).name, frame)] = found
-      inputs[(Path(path).name, frame)] = x
+  sources = [source / name for name, _, _ in IMAGES] + [source / VIDEO]
+  inputs = upstream_inputs(sources, image_size=SIZE, stride=STRIDE)
+  upstream = upstream_detections(model, inputs, conf_thres=CONF, iou_thres=IOU)
   return Scene(
     base=base,
     weights=weights,
@@ -184,18 +163,6 @@ def _by_item(workdir: Path) -> dict[tuple[str, int], dict]:
   return {(Path(r['file']).name, r['frame'] or 0): r for r in document['images']}
 
 
-def _compare(ours: dict, theirs: np.ndarray) -> tuple[float, float]:
-  """Same classes in the same order; ``(largest box difference, largest score difference)``."""
-  found = ours['detections']
-  assert len(found) == len(theirs)
-  np.testing.assert_array_equal([d['class'] for d in found], theirs[:, 5].astype(int))
-  if not len(found):
-    return 0.0, 0.0
-  boxes = np.abs(np.array([d['box'] for d in found]) - theirs[:, :4]).max()
-  scores = np.abs(np.array([d['score'] for d in found]) - theirs[:, 4]).max()
-  return float(boxes), float(scores)
-
-
 def test_detect_gives_upstreams_boxes(scene, capsys):
   workdir = scene.base / 'out'
   assert _detect(scene, workdir, '--source', str(scene.source), '--save-txt', '--save-conf') == 0
@@ -209,7 +176,7 @@ def test_detect_gives_upstreams_boxes(scene, capsys):
   box_error = score_error = 0.0
   for key, theirs in scene.upstream.items():
     assert len(theirs) > 5, key  # suppression had work to do
-    boxes, scores = _compare(items[key], theirs)
+    boxes, scores = compare_detections(items[key], theirs)
     box_error, score_error = max(box_error, boxes), max(score_error, scores)
   assert box_error < 1.0 and score_error < 1e-4
   print(f'largest differences from upstream: box {box_error:.2e} px, score {score_error:.2e}')
@@ -250,14 +217,11 @@ def test_detect_gives_upstreams_boxes(scene, capsys):
   assert _detect(scene, only, *flags, '--data', str(data)) == 0
   assert sorted(p.name for p in only.iterdir()) == ['detections.json']
   ((key, record),) = _by_item(only).items()
-  theirs = upstream_nms(
-    scene.model(scene.inputs[key])[0].detach(), conf_thres=CONF, iou_thres=IOU, classes=[0, 2]
-  )
-  theirs[:, :4] = scale_coords(
-    scene.inputs[key].shape[2:], torch.from_numpy(theirs[:, :4]), (97, 131)
-  ).numpy()
+  theirs = upstream_detections(
+    scene.model, {key: scene.inputs[key]}, conf_thres=CONF, iou_thres=IOU, classes=[0, 2]
+  )[key]
   assert 0 < len(theirs) < len(scene.upstream[key])
-  boxes, scores = _compare(record, theirs)
+  boxes, scores = compare_detections(record, theirs)
   assert boxes < 1.0 and scores < 1e-4
   assert {d['name'] for d in record['detections']} <= {'A', 'C'}
 
@@ -286,7 +250,7 @@ def test_selection_is_upstreams_nms(scene):
   decoded = detect_steps.decode(
     plan.model, plan.variables, detect_steps.letterbox(image, size=SIZE, stride=STRIDE)[None]
   )
-  x = scene.inputs[('a.png', 0)]
+  x = scene.inputs[('a.png', 0)].x
   with torch.no_grad():
     prediction = scene.model(x)[0]
   np.testing.assert_allclose(np.asarray(decoded), prediction.numpy(), rtol=1e-4, atol=1e-3)

@@ -6,7 +6,8 @@ steps, then a resume from their checkpoint to the end of the second epoch.
 The reference is one process with two simulated devices
 (``--xla_force_host_platform_device_count=2``) running the same 4 steps in
 one go. Losses, validation metrics and the final weights must agree, and
-only process 0 may print or write tables. Ports are picked free; every
+only process 0 may print or write tables. Also: 8 simulated devices in one
+process take the one-device steps. Ports are picked free; every
 process is killed when the test ends, passed or not. The model is a P6
 network of a few convolutions (:data:`MICRO`), which compiles quickly.
 """
@@ -208,3 +209,35 @@ def test_only_process_zero_prints_and_writes(runs):
     assert 'epoch' not in quiet and 'done:' not in quiet and 'training' not in quiet
   assert len(list((two / 'tensorboard').glob('events.out.tfevents.*'))) == 2  # one per launch
   assert sorted(p.name for p in two.glob('run*.lock')) == ['run.0.lock', 'run.1.lock']
+
+
+def test_eight_simulated_devices_match_one(runs):
+  """The step sharded over 8 simulated devices (one image each) is the one-device step."""
+  base, config_file, *_ = runs
+  options = yaml.safe_load(config_file.read_text())
+  options['train']['batch_size'] = options['eval']['batch_size'] = 8
+  eight = base / 'eight.yaml'
+  eight.write_text(yaml.safe_dump(options))
+  env = dict(os.environ, JAX_PLATFORMS='cpu', JAX_COMPILATION_CACHE_DIR=str(base / 'cache'))
+  env['PYTHONPATH'] = os.pathsep.join([str(ROOT), env.get('PYTHONPATH', '')])
+  command = [sys.executable, '-m', 'train', '--config', str(eight)]
+  losses = {}
+  for devices in (1, 8):
+    workdir = base / f'devices{devices}'
+    flags = env.get('XLA_FLAGS', '') + f' --xla_force_host_platform_device_count={devices}'
+    done = subprocess.run(
+      [*command, '--workdir', str(workdir)],
+      cwd=ROOT,
+      env=dict(env, XLA_FLAGS=flags),
+      capture_output=True,
+      text=True,
+      timeout=TIMEOUT_S,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f'{devices} cpu device(s)' in done.stdout
+    losses[devices] = report.read_rows(workdir / 'steps.csv')
+  assert [r['step'] for r in losses[8]] == [0, 1]  # 2 epochs of one batch
+  for column in ('loss', 'box', 'obj', 'cls'):
+    np.testing.assert_allclose(
+      [r[column] for r in losses[8]], [r[column] for r in losses[1]], rtol=2e-4, err_msg=column
+    )

@@ -42,30 +42,20 @@ from sas_yolov7.models.yolo import Model
 from reorg_jax.models import convert, deploy, layers, yolo
 from reorg_jax.models import from_yaml as model_yaml
 from reorg_jax.program import cli, exporting, network, weights
-from reorg_jax.reference.models import CONFIG_DIR, flushed_denormals, perturbed_model
+from reorg_jax.reference.detect_check import decoded_scale, largest_difference, torch_decoded
+from reorg_jax.reference.models import CONFIG_DIR, perturbed_model
 from reorg_jax.training import assembly
 
 SIZE = 64
 TOLERANCE = 1e-4
+ROUNDING = 1e-5  # what folding ImplicitA/M into the convolutions may change in float32
 NAMES = ('disc', 'square', 'triangle')
 FORMATS = 'deploy,onnx,stablehlo'
 
 
 def _scale(model: yolo.YOLO) -> np.ndarray:
   """``[R, F]``: stride for ``x, y``, anchor for ``w, h``, 1 for probabilities."""
-  rows = []
-  for anchors, stride in zip(model.anchors, model.strides, strict=True):
-    for anchor_w, anchor_h in anchors:
-      row = np.ones(5 + model.num_classes)
-      row[:4] = stride, stride, anchor_w, anchor_h
-      rows.append(np.broadcast_to(row, ((SIZE // stride) ** 2, row.size)))
-  return np.concatenate(rows)
-
-
-def _largest(got, want, scale) -> float:
-  got, want = np.asarray(got), np.asarray(want)
-  assert got.shape == want.shape
-  return float(np.abs((got - want) / scale).max())
+  return decoded_scale(model, (SIZE, SIZE))
 
 
 @pytest.fixture(scope='module')
@@ -95,16 +85,10 @@ def images():
   return np.random.default_rng(0).random((2, SIZE, SIZE, 3), dtype=np.float32)
 
 
-def _torch_decoded(model: Model, images: np.ndarray) -> np.ndarray:
-  x = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
-  with torch.no_grad(), flushed_denormals():
-    return model.eval()(x)[0].numpy()
-
-
 @pytest.fixture(scope='module')
 def reference(upstream, images):
   """Upstream's training model's decoded outputs."""
-  return _torch_decoded(upstream, images)
+  return torch_decoded(upstream, images)
 
 
 @pytest.fixture(scope='module')
@@ -165,7 +149,7 @@ def test_deploy_files_load_in_upstream_and_agree(
   model = upstream_deploy
   assert not any('.m2.' in key or '.ia.' in key or '.im.' in key for key in model.state_dict())
   built = yolo.build_model(written)
-  largest = _largest(_torch_decoded(model, images), reference, _scale(built))
+  largest = largest_difference(torch_decoded(model, images), reference, _scale(built))
   assert largest < TOLERANCE, largest
 
 
@@ -174,8 +158,13 @@ def test_deploy_checkpoint_reads_back_with_the_training_outputs(ours, reference)
   assert read.deploy and read.class_names == NAMES and read.kind == 'deploy checkpoint of ours'
   assert model.head.name == 'Detect' and len(model.specs) == 59  # nano: 4 auxiliary convs gone
   scale = _scale(model)
-  assert _largest(ours['deploy'], ours['training'], scale) < TOLERANCE
-  assert _largest(ours['deploy'], reference, scale) < TOLERANCE
+  # Within one framework the folding moves the outputs by float32 rounding only.
+  assert largest_difference(ours['deploy'], ours['training'], scale) < ROUNDING
+  # Against upstream, the deploy model is as close as our training model is: the two
+  # frameworks' float32 parity (which depends on the machine's convolution kernels).
+  parity = largest_difference(ours['training'], reference, scale)
+  assert parity < TOLERANCE * 5, parity
+  assert largest_difference(ours['deploy'], reference, scale) < parity + ROUNDING
 
 
 def test_a_fused_training_model_deploys_alike(ours):
@@ -243,8 +232,8 @@ def test_onnx_gives_the_decoded_outputs_at_any_batch(workdir, ours, images):
   scale = _scale(ours['model'])
   (two,) = session.run(None, {'images': images})
   (one,) = session.run(None, {'images': images[:1]})
-  assert _largest(two, ours['deploy'], scale) < TOLERANCE
-  assert _largest(one[0], ours['deploy'][0], scale) < TOLERANCE
+  assert largest_difference(two, ours['deploy'], scale) < TOLERANCE
+  assert largest_difference(one[0], ours['deploy'][0], scale) < TOLERANCE
 
 
 def test_nearest_upsampling_equals_pytorch_pixel_for_pixel():
@@ -303,7 +292,7 @@ def test_stablehlo_reloads_without_the_model_code(workdir, ours, images, tmp_pat
     f"('cpu', 'cuda', 'tpu') (B, {SIZE}, {SIZE}, 3) (B, {rows}, {5 + len(NAMES)})"
   )
   got = np.load(tmp_path / 'out.npy')
-  assert _largest(got, ours['deploy'], _scale(ours['model'])) < TOLERANCE
+  assert largest_difference(got, ours['deploy'], _scale(ours['model'])) < TOLERANCE
 
 
 def test_summary_names_the_files_and_programs(workdir, ours):

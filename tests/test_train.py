@@ -3,8 +3,9 @@
 One straight run of 12 steps (3 epochs of 4) is shared: it checks that the
 step compiles once, lends its compiled step and first batch to the learning
 test (:func:`test_the_compiled_step_fits_a_fixed_batch`), and serves as the reference for
-resuming (in-process, and after SIGKILL in a subprocess) and for 8 simulated
-devices. Compilations go to a persistent cache shared by every run here.
+resuming (in-process, and after SIGKILL in a subprocess); 8 simulated devices
+are in ``tests/test_distributed.py``, on a model that compiles quickly.
+Compilations go to a persistent cache shared by every run here.
 """
 
 from __future__ import annotations
@@ -259,30 +260,6 @@ def test_non_finite_step_stops_and_is_not_saved(setup, monkeypatch, capsys):
   assert 'non-finite loss or gradient at step 3' in capsys.readouterr().err
   with checkpoint.Checkpoints(workdir / 'checkpoints', save_every=2, read_only=True) as ckpt:
     assert ckpt.latest_step == 2  # Step 3 (which would have been saved as 4) left nothing.
-
-
-def test_eight_simulated_devices_match_one(setup, straight):
-  base, config_file, cache = setup
-  workdir, own_cache = base / 'eight', base / 'eight-cache'
-  flags = os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8'
-  command = [sys.executable, '-m', 'train', '--config', str(config_file), '--steps', '3']
-  process = subprocess.run(
-    [*command, '--workdir', str(workdir), '--compile-cache', str(own_cache)],
-    cwd=ROOT,
-    env=_env(cache, XLA_FLAGS=flags),
-    capture_output=True,
-    text=True,
-    timeout=600,
-  )
-  assert process.returncode == 0, process.stderr[-3000:]
-  assert '8 cpu device(s)' in process.stdout
-  assert any(own_cache.iterdir()), '--compile-cache stored no program'  # the step, at least
-  eight = report.read_rows(workdir / 'steps.csv')
-  one = report.read_rows(base / 'straight' / 'steps.csv')[:3]
-  for column in ('loss', 'box', 'obj', 'cls'):
-    np.testing.assert_allclose(
-      [r[column] for r in eight], [r[column] for r in one], rtol=2e-4, err_msg=column
-    )
 
 
 def test_sigkill_then_resume(setup, straight):

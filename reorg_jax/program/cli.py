@@ -11,7 +11,7 @@ import argparse
 from collections.abc import Sequence
 from types import ModuleType
 
-from reorg_jax.program import commands, interrupts
+from reorg_jax.program import allocator, commands, interrupts
 
 __all__ = ['build_parser', 'command_parser', 'main']
 
@@ -36,7 +36,8 @@ def build_parser(*, prog: str = 'reorg-jax') -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
     prog=prog,
     description='YOLOv7 P6 models (W6/E6/D6/E6E) in JAX: train, fine-tune from upstream '
-    'checkpoints, validate. `%(prog)s COMMAND --help` gives every option of a command.',
+    'checkpoints, validate, detect, export for deployment, and check against upstream on your '
+    'model and data. `%(prog)s COMMAND --help` gives every option of a command.',
   )
   sub = parser.add_subparsers(dest='command', metavar='COMMAND', required=True)
   for module in commands.discover():
@@ -56,8 +57,12 @@ def main(argv: Sequence[str] | None = None) -> int:
   """Runs ``reorg-jax``; returns the exit status of the command.
 
   Ctrl-C and SIGTERM end any command with one line and status 130 or 143
-  (:mod:`reorg_jax.program.interrupts`), from the first moment on.
+  (:mod:`reorg_jax.program.interrupts`), from the first moment on. Called
+  as the program (``argv`` not given), it first restarts itself with glibc's
+  huge-page tunable where that helps (:mod:`reorg_jax.program.allocator`).
   """
+  if argv is None:
+    allocator.restart_with_huge_pages()
   with interrupts.handling():
     try:
       parser = build_parser()

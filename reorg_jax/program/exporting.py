@@ -173,8 +173,8 @@ def _check_installed(formats: Sequence[Format]) -> None:
         missing.append(module)
     if missing:
       raise BadInput(
-        f'--include {fmt.value} needs {" and ".join(_PRODUCTS[fmt][1])}, and '
-        f'{", ".join(missing)} cannot be imported: {EXPORT_EXTRA}'
+        f'--include {fmt.value} needs {" and ".join(_PRODUCTS[fmt][1])}; '
+        f'{" and ".join(missing)} cannot be imported here: {EXPORT_EXTRA}'
       )
 
 

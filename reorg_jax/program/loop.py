@@ -58,7 +58,7 @@ from reorg_jax.program.sections import RunConfig
 from reorg_jax.training import assembly, checkpoint, integrity, optim
 from reorg_jax.training import step as train_lib
 
-__all__ = ['FINGERPRINT', 'Result', 'RunError', 'run', 'setup']
+__all__ = ['FINGERPRINT', 'Result', 'RunError', 'run', 'setup', 'start_from']
 
 # The run directory's record of the dataset it trains on.
 FINGERPRINT = 'dataset.json.gz'
@@ -239,7 +239,7 @@ def run(
     )
   variables, notes = None, ()
   if start is not None:
-    variables, notes = _start_from(
+    variables, notes = start_from(
       start,
       model,
       image_size=config.train.image_size,
@@ -388,10 +388,25 @@ class _Pending:
     return rows[-1]
 
 
-def _start_from(
+def start_from(
   start: weights.Weights, model: yolo.YOLO, *, image_size: int, seed: int, allow_partial: bool
 ) -> tuple[dict[str, Any], tuple[str, ...]]:
   """The variables ``--weights`` gives ``model`` and the lines that say what was taken.
+
+  The tensors of ``start`` that fit ``model`` by name and shape are transferred
+  (upstream's intersect_dicts); the others keep a fresh initialisation from ``seed``.
+
+  Args:
+    start: the weights read from ``--weights`` (:func:`reorg_jax.program.weights.read`).
+    model: the network to start.
+    image_size: the input side ``S`` in pixels the fresh variables are initialised at.
+    seed: the seed of the fresh initialisation (the tensors that do not transfer).
+    allow_partial: go on when fewer than
+      :data:`~reorg_jax.program.weights.PARTIAL_SHARE` of the model's tensors transfer.
+
+  Returns:
+    ``(variables, lines)``: the model's variables (``params`` and ``batch_stats``) with
+    the transferred tensors, and the lines that say what was taken and what was not.
 
   Raises:
     reorg_jax.program.weights.WeightsError: nothing transferred, or less than

@@ -3,6 +3,11 @@
 * :func:`add_runtime_arguments` adds the flags for jax's persistent
   compilation cache (``--compile-cache``, ``--no-compile-cache``) and, for
   commands that may run on several hosts, ``--distributed``.
+* :func:`add_weights_argument`, :func:`add_model_argument`,
+  :func:`add_data_argument`, :func:`add_image_size_argument`,
+  :func:`add_batch_size_argument` and :func:`add_workdir_argument` add the
+  options the commands that read weights share (each command its own help
+  text); :func:`check_positive` checks their whole numbers.
 * :func:`start` applies them (before anything compiles) and quiets the
   libraries whose background failures would otherwise print tracebacks.
 * :func:`fail` prints an error as the program's one line on stderr.
@@ -17,8 +22,15 @@ import sys
 from pathlib import Path
 
 __all__ = [
+  'add_batch_size_argument',
+  'add_data_argument',
+  'add_image_size_argument',
+  'add_model_argument',
   'add_runtime_arguments',
+  'add_weights_argument',
+  'add_workdir_argument',
   'check_distributed',
+  'check_positive',
   'compile_cache_dir',
   'fail',
   'initialize_distributed',
@@ -56,6 +68,50 @@ def add_runtime_arguments(parser: argparse.ArgumentParser, *, distributed: bool)
   parser.add_argument(
     '--process-id', type=int, help='with --distributed: this process, 0 to the process count - 1'
   )
+
+
+def add_weights_argument(parser: argparse.ArgumentParser, *, help: str) -> None:
+  """``--weights PATH``, required: the weights the command reads."""
+  parser.add_argument('--weights', required=True, metavar='PATH', help=help)
+
+
+def add_model_argument(parser: argparse.ArgumentParser, *, help: str) -> None:
+  """``--model`` (alias ``--cfg``, upstream's name): a model name or model YAML."""
+  parser.add_argument('--model', '--cfg', dest='model', help=help)
+
+
+def add_data_argument(
+  parser: argparse.ArgumentParser, *, help: str, required: bool = False
+) -> None:
+  """``--data YAML``: a dataset YAML."""
+  parser.add_argument('--data', required=required, metavar='YAML', help=help)
+
+
+def add_image_size_argument(parser: argparse.ArgumentParser, *, help: str) -> None:
+  """``--img-size S`` (alias ``--image-size``; ``args.image_size``): an image side in pixels."""
+  parser.add_argument(
+    '--img-size', '--image-size', dest='image_size', type=int, metavar='S', help=help
+  )
+
+
+def add_batch_size_argument(parser: argparse.ArgumentParser, *, help: str) -> None:
+  """``--batch-size B``: images per batch."""
+  parser.add_argument('--batch-size', type=int, metavar='B', help=help)
+
+
+def add_workdir_argument(parser: argparse.ArgumentParser, *, default: str, help: str) -> None:
+  """``--workdir``: the folder the command writes to, ``default`` when not given."""
+  parser.add_argument('--workdir', default=default, help=help)
+
+
+def check_positive(parser: argparse.ArgumentParser, *, flags: dict[str, int | None]) -> None:
+  """Exits through ``parser.error`` for the first of ``flags`` (flag: value) below 1.
+
+  A value of ``None`` (the flag not given) passes.
+  """
+  for flag, value in flags.items():
+    if value is not None and value < 1:
+      parser.error(f'{flag} must be a positive integer, got {value}')
 
 
 def check_distributed(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:

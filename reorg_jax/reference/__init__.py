@@ -17,6 +17,11 @@ and ``verify`` share it from here:
 * :mod:`reorg_jax.reference.step_check` runs both frameworks' training steps
   from one state, each in its own process, and compares them tensor by tensor
   (``reorg-jax verify``, ``benchmarks/trained_step.py``).
+* :mod:`reorg_jax.reference.detect_check` runs upstream's detection pipeline
+  (its ``LoadImages``, model, ``non_max_suppression`` with an exact greedy
+  suppression for torchvision's, ``scale_coords``) and compares detections and
+  decoded outputs with ours (``tests/test_detect.py``, ``tests/test_export.py``,
+  ``benchmarks/deploy_check.py``).
 """
 
 from reorg_jax.reference import oracle  # registers the torchvision stand-in

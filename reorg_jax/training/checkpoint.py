@@ -37,12 +37,14 @@ typed keys; a failed write raises
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import json
 import logging
 import pathlib
 import sys
+from collections.abc import Iterator
 from typing import Any, Literal
 
 import jax
@@ -118,6 +120,27 @@ def _metric(metrics: dict[str, float]) -> float:
   return metrics['metric']
 
 
+class _DropReadOnlyNotice(logging.Filter):
+  """Drops orbax's warnings that a manager opened ``read_only`` will not write (as asked)."""
+
+  NOTICES = ('Given directory is read only', 'CheckpointManagerOptions.read_only=True')
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith(self.NOTICES)
+
+
+@contextlib.contextmanager
+def _quiet_read_only_notice() -> Iterator[None]:
+  """Within the block, orbax's read-only notices do not reach the user's terminal."""
+  notice = _DropReadOnlyNotice()
+  logger = logging.getLogger('absl')
+  logger.addFilter(notice)
+  try:
+    yield
+  finally:
+    logger.removeFilter(notice)
+
+
 class Checkpoints:
   """Periodic and best-by-metric checkpoints of one training run.
 
@@ -167,21 +190,30 @@ class Checkpoints:
     self._pending: dict[str, int] = {}  # kind -> step of the newest save started
     self.best_mode = best_mode
     self.read_only = read_only
-    policies = ocp.checkpoint_managers
     common = {
       'enable_async_checkpointing': asynchronous,
       'cleanup_tmp_directories': not read_only,
       'read_only': read_only,
+      'create': not read_only,
     }
     if not read_only and jax.process_index() == 0:  # one process renames, for all
       _quarantine_uncommitted(self.directory / 'steps')
       _quarantine_uncommitted(self.directory / 'best')
+    # Orbax names its cross-process barriers after the step (``async_write_complete.2``), so
+    # the two managers saving the same step would meet at one barrier, a process's periodic
+    # write paired with the other's best write: each manager gets its own prefix.
+    with _quiet_read_only_notice():
+      self._open(save_every=save_every, keep_last=keep_last, best_mode=best_mode, common=common)
+
+  def _open(self, *, save_every: int, keep_last: int, best_mode: str, common: dict) -> None:
+    policies = ocp.checkpoint_managers
     self._steps = ocp.CheckpointManager(
       self.directory / 'steps',
       item_names=('state', 'meta'),
       options=ocp.CheckpointManagerOptions(
         save_decision_policy=policies.FixedIntervalPolicy(save_every),
         preservation_policy=policies.LatestN(keep_last),
+        multiprocessing_options=ocp.options.MultiprocessingOptions(barrier_sync_key_prefix='steps'),
         **common,
       ),
     )
@@ -198,6 +230,7 @@ class Checkpoints:
         # Orbax writes a checkpoint's metrics only when ``best_fn`` is set, even with ``BestN``.
         best_fn=_metric,
         best_mode=best_mode,
+        multiprocessing_options=ocp.options.MultiprocessingOptions(barrier_sync_key_prefix='best'),
         **common,
       ),
     )

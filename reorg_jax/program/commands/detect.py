@@ -79,10 +79,8 @@ SUMMARY = (
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
   """The options of ``detect``."""
-  parser.add_argument(
-    '--weights',
-    required=True,
-    metavar='PATH',
+  runtime.add_weights_argument(
+    parser,
     help='a run directory of ours or one of its checkpoints (EMA weights), a deploy checkpoint, '
     'an upstream training or deploy checkpoint (.pt; its EMA when it has one), or a PyTorch '
     'state_dict file (give --model)',
@@ -93,25 +91,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     metavar='PATH',
     help='an image, a folder of images and videos, a glob (quoted) or a video file',
   )
-  parser.add_argument(
-    '--data',
-    metavar='YAML',
+  runtime.add_data_argument(
+    parser,
     help='a dataset YAML whose names (and nc) name the classes (default: the names the weights '
     'carry, else the class indices)',
   )
-  parser.add_argument(
-    '--model',
-    '--cfg',
-    dest='model',
+  runtime.add_model_argument(
+    parser,
     help="'p6_nano' or a model YAML in upstream's format (default: the model the weights carry); "
     "the anchors are the file's",
   )
-  parser.add_argument(
-    '--img-size',
-    '--image-size',
-    dest='image_size',
-    type=int,
-    metavar='S',
+  runtime.add_image_size_argument(
+    parser,
     help="the longer side of the network input in pixels, a multiple of the model's largest "
     'stride (default: for a run of ours, its train.image_size; else 640, as upstream)',
   )
@@ -162,8 +153,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument(
     '--nosave', action='store_true', help='do not write the images and videos with boxes drawn'
   )
-  parser.add_argument(
-    '--workdir',
+  runtime.add_workdir_argument(
+    parser,
     default='runs/detect',
     help='where the images, videos, labels/ and detections.json go (default: %(default)s)',
   )
@@ -177,8 +168,7 @@ def _count(n: int, one: str, many: str | None = None) -> str:
 
 def _check_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
   """Exits through ``parser.error`` for an option out of its range."""
-  if args.image_size is not None and args.image_size < 1:
-    parser.error(f'--img-size must be a positive integer, got {args.image_size}')
+  runtime.check_positive(parser, flags={'--img-size': args.image_size})
   if not 0 <= args.conf_thres < 1:
     parser.error(f'--conf-thres must lie in [0, 1), got {args.conf_thres}')
   if not 0 <= args.iou_thres <= 1:

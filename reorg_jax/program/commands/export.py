@@ -68,18 +68,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   """The options of ``export``."""
   from reorg_jax.program import exporting
 
-  parser.add_argument(
-    '--weights',
-    required=True,
-    metavar='PATH',
+  runtime.add_weights_argument(
+    parser,
     help='a training model (IAuxDetect head): a run directory of ours or one of its '
     'checkpoints, an upstream training checkpoint (.pt), or a PyTorch state_dict file '
     '(give --model); EMA weights where there are some',
   )
-  parser.add_argument(
-    '--model',
-    '--cfg',
-    dest='model',
+  runtime.add_model_argument(
+    parser,
     help="'p6_nano' or a training model YAML in upstream's format (default: the model the "
     'weights carry); the anchors are the ones the weights hold',
   )
@@ -90,12 +86,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     help='comma-separated formats to write: '
     f'{", ".join(f.value for f in exporting.Format)} (default: %(default)s)',
   )
-  parser.add_argument(
-    '--img-size',
-    '--image-size',
-    dest='image_size',
-    type=int,
-    metavar='S',
+  runtime.add_image_size_argument(
+    parser,
     help='input side of the onnx and stablehlo programs, a multiple of the largest stride '
     f'(default: {exporting.DEFAULT_IMAGE_SIZE})',
   )
@@ -111,8 +103,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     default=exporting.DEFAULT_OPSET,
     help='onnx: the ONNX opset (default: %(default)s)',
   )
-  parser.add_argument(
-    '--workdir',
+  runtime.add_workdir_argument(
+    parser,
     default='runs/export',
     help='where the results go (default: %(default)s)',
   )

@@ -80,40 +80,29 @@ COLUMNS = ('class', 'images', 'labels', 'precision', 'recall', 'map50', 'map50_9
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
   """The options of ``val``."""
-  parser.add_argument(
-    '--weights',
-    required=True,
-    metavar='PATH',
+  runtime.add_weights_argument(
+    parser,
     help='a run directory of ours or one of its checkpoints (EMA weights), an upstream training '
     'or deploy checkpoint (.pt; its EMA when it has one), or a PyTorch state_dict file (give '
     '--model)',
   )
-  parser.add_argument(
-    '--data',
-    metavar='YAML',
+  runtime.add_data_argument(
+    parser,
     help='dataset YAML (train, val, nc, names; default: for a run of ours, the dataset it '
     'trained on)',
   )
-  parser.add_argument(
-    '--model',
-    '--cfg',
-    dest='model',
+  runtime.add_model_argument(
+    parser,
     help="'p6_nano' or a model YAML in upstream's format (default: the model the weights carry: "
     "our run's, or the one pickled in an upstream checkpoint); the anchors are the file's",
   )
-  parser.add_argument(
-    '--img-size',
-    '--image-size',
-    dest='image_size',
-    type=int,
-    metavar='S',
+  runtime.add_image_size_argument(
+    parser,
     help="network input side in pixels, a multiple of the model's largest stride (default: for "
     'a run of ours, its train.image_size; else 640, as upstream)',
   )
-  parser.add_argument(
-    '--batch-size',
-    type=int,
-    metavar='B',
+  runtime.add_batch_size_argument(
+    parser,
     help='images per batch over all devices, a multiple of the device count (default: '
     '16, rounded up to a multiple of the device count)',
   )
@@ -158,8 +147,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     help="write detections.json (COCO results in each image's pixels) and print pycocotools' "
     'summary against the labels',
   )
-  parser.add_argument(
-    '--workdir',
+  runtime.add_workdir_argument(
+    parser,
     default='runs/val',
     help='where results.csv, results.txt and detections.json go (default: %(default)s)',
   )
@@ -168,9 +157,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _check_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
   """Exits through ``parser.error`` for an option out of its range."""
-  for flag, value in (('--img-size', args.image_size), ('--batch-size', args.batch_size)):
-    if value is not None and value < 1:
-      parser.error(f'{flag} must be a positive integer, got {value}')
+  runtime.check_positive(
+    parser, flags={'--img-size': args.image_size, '--batch-size': args.batch_size}
+  )
   if not 0 <= args.conf_thres < 1:
     parser.error(f'--conf-thres must lie in [0, 1), got {args.conf_thres}')
   if not 0 <= args.iou_thres <= 1:

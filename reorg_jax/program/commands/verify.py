@@ -163,21 +163,15 @@ _OUTPUTS = ('report.txt', 'losses.csv', 'tensors.csv', 'snapshot.npz')
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
   """The options of ``verify``."""
-  parser.add_argument(
-    '--weights',
-    required=True,
-    metavar='PATH',
+  runtime.add_weights_argument(
+    parser,
     help='the weights to start from: an upstream training checkpoint (.pt; its model, as '
     'train_aux.py --weights), a PyTorch state_dict file or an upstream deploy checkpoint (give '
     '--model), or a run directory or checkpoint of ours',
   )
-  parser.add_argument(
-    '--data', required=True, metavar='YAML', help='dataset YAML (train, val, nc, names)'
-  )
-  parser.add_argument(
-    '--model',
-    '--cfg',
-    dest='model',
+  runtime.add_data_argument(parser, required=True, help='dataset YAML (train, val, nc, names)')
+  runtime.add_model_argument(
+    parser,
     help="'p6_nano' or a model YAML in upstream's format (default: the model the weights carry)",
   )
   parser.add_argument(
@@ -186,18 +180,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     default=2,
     help='training iterations both frameworks take (default: %(default)s)',
   )
-  parser.add_argument(
-    '--batch-size',
-    type=int,
-    metavar='B',
+  runtime.add_batch_size_argument(
+    parser,
     help="train.batch_size (default: the configuration's, as train)",
   )
-  parser.add_argument(
-    '--img-size',
-    '--image-size',
-    dest='image_size',
-    type=int,
-    metavar='S',
+  runtime.add_image_size_argument(
+    parser,
     help="train.image_size in pixels, a multiple of the model's largest stride (default: "
     "the configuration's, as train)",
   )
@@ -210,8 +198,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     action='store_true',
     help="go on when fewer than half of the model's tensors transfer from --weights",
   )
-  parser.add_argument(
-    '--workdir',
+  runtime.add_workdir_argument(
+    parser,
     default='runs/verify',
     help='where the report, tables and sides go (default: %(default)s)',
   )
@@ -318,7 +306,7 @@ def _prepare(
       f'{per_epoch} steps)'
     )
   model = config_lib.build_model(config.model.name, num_classes=splits[0].num_classes)
-  variables, notes = loop._start_from(
+  variables, notes = loop.start_from(
     weights,
     model,
     image_size=config.train.image_size,
@@ -476,11 +464,10 @@ def _run_workers(args: argparse.Namespace, workdir: Path) -> int:
 def run(args: argparse.Namespace) -> int:
   """Runs ``verify``; returns the exit status (see the module docstring)."""
   parser = args.command_parser
-  if args.steps < 1:
-    parser.error(f'--steps must be a positive integer, got {args.steps}')
-  for flag, value in (('--img-size', args.image_size), ('--batch-size', args.batch_size)):
-    if value is not None and value < 1:
-      parser.error(f'{flag} must be a positive integer, got {value}')
+  runtime.check_positive(
+    parser,
+    flags={'--steps': args.steps, '--img-size': args.image_size, '--batch-size': args.batch_size},
+  )
   missing = _missing_reference()
   if missing is not None:
     return runtime.fail(
