@@ -89,17 +89,7 @@ def runs(tmp_path_factory):
   command = [sys.executable, '-m', 'train', '--config', str(config_file)]
 
   reference = base / 'reference'
-  flags = env.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=2'
-  done = subprocess.run(
-    [*command, '--workdir', str(reference)],
-    cwd=ROOT,
-    env=dict(env, XLA_FLAGS=flags),
-    capture_output=True,
-    text=True,
-    timeout=TIMEOUT_S,
-  )
-  assert done.returncode == 0, done.stderr[-3000:]
-  assert '2 cpu device(s)' in done.stdout
+  _one_process([*command, '--workdir', str(reference)], env=env, devices=2)
 
   two = base / 'two'
   outputs = [
@@ -117,6 +107,21 @@ def _free_port() -> int:
   with socket.socket() as probe:
     probe.bind(('127.0.0.1', 0))
     return probe.getsockname()[1]
+
+
+def _one_process(command: list[str], *, env: dict[str, str], devices: int) -> None:
+  """Runs ``command`` as one process with ``devices`` simulated CPU devices; checks it ran."""
+  flags = env.get('XLA_FLAGS', '') + f' --xla_force_host_platform_device_count={devices}'
+  done = subprocess.run(
+    command,
+    cwd=ROOT,
+    env=dict(env, XLA_FLAGS=flags),
+    capture_output=True,
+    text=True,
+    timeout=TIMEOUT_S,
+  )
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert f'{devices} cpu device(s)' in done.stdout
 
 
 def _two_processes(command: list[str], *, env: dict[str, str], logs: Path) -> list[str]:
@@ -224,17 +229,7 @@ def test_eight_simulated_devices_match_one(runs):
   losses = {}
   for devices in (1, 8):
     workdir = base / f'devices{devices}'
-    flags = env.get('XLA_FLAGS', '') + f' --xla_force_host_platform_device_count={devices}'
-    done = subprocess.run(
-      [*command, '--workdir', str(workdir)],
-      cwd=ROOT,
-      env=dict(env, XLA_FLAGS=flags),
-      capture_output=True,
-      text=True,
-      timeout=TIMEOUT_S,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert f'{devices} cpu device(s)' in done.stdout
+    _one_process([*command, '--workdir', str(workdir)], env=env, devices=devices)
     losses[devices] = report.read_rows(workdir / 'steps.csv')
   assert [r['step'] for r in losses[8]] == [0, 1]  # 2 epochs of one batch
   for column in ('loss', 'box', 'obj', 'cls'):

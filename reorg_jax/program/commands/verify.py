@@ -198,6 +198,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     action='store_true',
     help="go on when fewer than half of the model's tensors transfer from --weights",
   )
+  parser.add_argument(
+    '--one-at-a-time',
+    action='store_true',
+    help='run the three worker processes one after another instead of at once (about a '
+    'third of the memory, for large models: YOLOv7-W6 at 128 px needs about 24 GB at once)',
+  )
   runtime.add_workdir_argument(
     parser,
     default='runs/verify',
@@ -412,7 +418,8 @@ def verdict_line(figure: dict[str, Any], baseline: dict[str, Any], *, steps: int
 
 
 def _run_workers(args: argparse.Namespace, workdir: Path) -> int:
-  """Runs the worker processes at once and waits for them; 0, or 1 after a failure's line."""
+  """Runs the worker processes (at once, or one at a time) and waits for them; 0, or 1 after a
+  failure's line."""
   from reorg_jax.reference import step_check
 
   env = dict(os.environ)
@@ -428,23 +435,26 @@ def _run_workers(args: argparse.Namespace, workdir: Path) -> int:
     'ours64': 'ours64',
   }
   logs = {worker: workdir / f'{worker}.log' for worker in step_check.WORKERS}
+  workers = list(logs)
+  rounds = [[worker] for worker in workers] if args.one_at_a_time else [workers]
+  how = 'one after another' if args.one_at_a_time else f'in {len(workers)} processes'
+  print(f'running {", ".join(labels[w] for w in workers)} {how} ...', flush=True)
   started = time.perf_counter()
   processes = {}
+  failed = []
   try:
-    for worker, log in logs.items():
-      processes[worker] = step_check.start_worker(
-        worker, out=workdir, steps=args.steps, log=log, env=env
-      )
-    print(
-      f'running {", ".join(labels[w] for w in processes)} in {len(processes)} processes ...',
-      flush=True,
-    )
-    failed = []
-    for worker, process in processes.items():
-      if process.wait():
-        failed.append(worker)
-      else:
-        print(f'{labels[worker]}: done after {time.perf_counter() - started:.0f} s', flush=True)
+    for group in rounds:
+      for worker in group:
+        processes[worker] = step_check.start_worker(
+          worker, out=workdir, steps=args.steps, log=logs[worker], env=env
+        )
+      for worker in group:
+        if processes[worker].wait():
+          failed.append(worker)
+        else:
+          print(f'{labels[worker]}: done after {time.perf_counter() - started:.0f} s', flush=True)
+      if failed:
+        break
   finally:
     for process in processes.values():
       if process.poll() is None:  # interrupted while waiting
