@@ -274,6 +274,41 @@ def test_without_the_reference_says_what_to_install(tmp_path, monkeypatch, capsy
   assert not workdir.exists()
 
 
+@pytest.mark.parametrize('one_at_a_time', [False, True])
+def test_workers_run_at_once_or_one_after_another(tmp_path, monkeypatch, capsys, one_at_a_time):
+  """``--one-at-a-time`` starts each worker only once the one before has ended."""
+  events = []
+
+  class Worker:  # stands in for a worker process
+    def __init__(self, name):
+      self.name, self.returncode = name, None
+
+    def wait(self):
+      events.append(('end', self.name))
+      self.returncode = 0
+      return 0
+
+    def poll(self):
+      return self.returncode
+
+  def start(worker, **_):
+    events.append(('start', worker))
+    return Worker(worker)
+
+  monkeypatch.setattr(step_check, 'start_worker', start)
+  parser = cli.build_parser()
+  argv = ['verify', '--weights', 'w.pt', '--data', 'd.yaml', '--no-compile-cache']
+  args = parser.parse_args(argv + (['--one-at-a-time'] if one_at_a_time else []))
+  assert verify._run_workers(args, tmp_path) == 0
+  workers = list(step_check.WORKERS)
+  if one_at_a_time:
+    assert events == [(kind, w) for w in workers for kind in ('start', 'end')]
+    assert 'one after another' in capsys.readouterr().out
+  else:
+    assert events == [('start', w) for w in workers] + [('end', w) for w in workers]
+    assert f'in {len(workers)} processes' in capsys.readouterr().out
+
+
 def test_bad_input_is_one_line(verified, tmp_path, capsys):
   data = str(verified.base / 'data' / 'data.yaml')
   weights = str(verified.base / 'nano80_training.pt')
