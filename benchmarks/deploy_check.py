@@ -139,14 +139,14 @@ def command(argv: list[str], log: pathlib.Path) -> int:
 def letterboxed(paths: list[pathlib.Path], *, size: int, stride: int) -> np.ndarray:
   """``[N, S, S, 3]`` float32 RGB in ``[0, 1]``: upstream's ``letterbox`` to ``S x S``."""
   import cv2
-  from sas_yolov7.utils.datasets import letterbox
+  from sas_yolov7.utils import datasets as upstream_data
 
   images = []
   for path in paths:
     image = cv2.imread(str(path))
     if image is None:
       raise SystemExit(f'error: {path} cannot be read as an image')
-    boxed = letterbox(image, size, auto=False, stride=stride)[0]
+    boxed = upstream_data.letterbox(image, size, auto=False, stride=stride)[0]
     images.append(boxed[:, :, ::-1].astype(np.float32) / 255.0)
   return np.stack(images)
 

@@ -262,6 +262,15 @@ def test_non_finite_step_stops_and_is_not_saved(setup, monkeypatch, capsys):
     assert ckpt.latest_step == 2  # Step 3 (which would have been saved as 4) left nothing.
 
 
+def _wait_for_checkpoint_4(process: subprocess.Popen, workdir: Path) -> None:
+  """Returns once the run in ``process`` has completed its checkpoint at step 4."""
+  marker = workdir / 'checkpoints' / 'steps' / '4' / 'commit_success.txt'
+  deadline = time.monotonic() + 300
+  while not marker.exists() and process.poll() is None and time.monotonic() < deadline:
+    time.sleep(0.05)
+  assert marker.exists(), 'no checkpoint at step 4 appeared'
+
+
 def test_sigkill_then_resume(setup, straight):
   base, config_file, cache = setup
   workdir = base / 'killed'
@@ -269,12 +278,8 @@ def test_sigkill_then_resume(setup, straight):
   process = subprocess.Popen(
     command, cwd=ROOT, env=_env(cache), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
   )
-  marker = workdir / 'checkpoints' / 'steps' / '4' / 'commit_success.txt'
-  deadline = time.monotonic() + 300
   try:
-    while not marker.exists() and process.poll() is None and time.monotonic() < deadline:
-      time.sleep(0.05)
-    assert marker.exists(), 'no checkpoint at step 4 appeared'
+    _wait_for_checkpoint_4(process, workdir)
   finally:
     process.send_signal(signal.SIGKILL)
     process.wait()
@@ -324,12 +329,8 @@ def test_sigint_ends_the_run_in_one_line_naming_the_checkpoint(setup, straight):
   process = subprocess.Popen(
     command, cwd=ROOT, env=_env(cache), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
   )
-  marker = workdir / 'checkpoints' / 'steps' / '4' / 'commit_success.txt'
-  deadline = time.monotonic() + 300
   try:
-    while not marker.exists() and process.poll() is None and time.monotonic() < deadline:
-      time.sleep(0.05)
-    assert marker.exists(), 'no checkpoint at step 4 appeared'
+    _wait_for_checkpoint_4(process, workdir)
   finally:
     process.send_signal(signal.SIGINT)
     _, err = process.communicate(timeout=120)

@@ -202,38 +202,39 @@ class Checkpoints:
     # Orbax names its cross-process barriers after the step (``async_write_complete.2``), so
     # the two managers saving the same step would meet at one barrier, a process's periodic
     # write paired with the other's best write: each manager gets its own prefix.
-    with _quiet_read_only_notice():
-      self._open(save_every=save_every, keep_last=keep_last, best_mode=best_mode, common=common)
-
-  def _open(self, *, save_every: int, keep_last: int, best_mode: str, common: dict) -> None:
     policies = ocp.checkpoint_managers
-    self._steps = ocp.CheckpointManager(
-      self.directory / 'steps',
-      item_names=('state', 'meta'),
-      options=ocp.CheckpointManagerOptions(
-        save_decision_policy=policies.FixedIntervalPolicy(save_every),
-        preservation_policy=policies.LatestN(keep_last),
-        multiprocessing_options=ocp.options.MultiprocessingOptions(barrier_sync_key_prefix='steps'),
-        **common,
-      ),
-    )
-    self._best = ocp.CheckpointManager(
-      self.directory / 'best',
-      item_names=('state', 'meta'),
-      options=ocp.CheckpointManagerOptions(
-        preservation_policy=policies.BestN(
-          get_metric_fn=_metric,
-          reverse=best_mode == 'min',
-          n=1,
-          keep_checkpoints_without_metrics=False,
+    with _quiet_read_only_notice():
+      self._steps = ocp.CheckpointManager(
+        self.directory / 'steps',
+        item_names=('state', 'meta'),
+        options=ocp.CheckpointManagerOptions(
+          save_decision_policy=policies.FixedIntervalPolicy(save_every),
+          preservation_policy=policies.LatestN(keep_last),
+          multiprocessing_options=ocp.options.MultiprocessingOptions(
+            barrier_sync_key_prefix='steps'
+          ),
+          **common,
         ),
-        # Orbax writes a checkpoint's metrics only when ``best_fn`` is set, even with ``BestN``.
-        best_fn=_metric,
-        best_mode=best_mode,
-        multiprocessing_options=ocp.options.MultiprocessingOptions(barrier_sync_key_prefix='best'),
-        **common,
-      ),
-    )
+      )
+      self._best = ocp.CheckpointManager(
+        self.directory / 'best',
+        item_names=('state', 'meta'),
+        options=ocp.CheckpointManagerOptions(
+          preservation_policy=policies.BestN(
+            get_metric_fn=_metric,
+            reverse=best_mode == 'min',
+            n=1,
+            keep_checkpoints_without_metrics=False,
+          ),
+          # Orbax writes a checkpoint's metrics only when ``best_fn`` is set, even with ``BestN``.
+          best_fn=_metric,
+          best_mode=best_mode,
+          multiprocessing_options=ocp.options.MultiprocessingOptions(
+            barrier_sync_key_prefix='best'
+          ),
+          **common,
+        ),
+      )
 
   def __enter__(self) -> Checkpoints:
     return self
