@@ -30,6 +30,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from reorg_jax.models.convolution import conv_nhwc
 from reorg_jax.models.layers import ImplicitA, ImplicitM, torch_default_init
 
 __all__ = ['IAuxDetect', 'IDetect', 'decode', 'decode_cxcywh', 'fuse_implicit', 'head_bias_prior']
@@ -78,6 +79,7 @@ def _head_conv(
     (1, 1),
     kernel_init=torch_default_init,
     bias_init=_prior_bias_init(fan_in=x.shape[-1], prior=prior),
+    conv_general_dilated=conv_nhwc,
     name=name,
   )
   return conv(x)
