@@ -290,11 +290,14 @@ def train_step(
   hparams: optim.HyperParams = batch['hparams']
   loss, parts, grads, batch_stats = loss_and_gradients(setup, state, batch, loss_fn=loss_fn)
   finite = jnp.isfinite(loss) & _all_finite(grads)
-  updated, stepped = apply_update(
-    setup, state, grads=grads, batch_stats=batch_stats, hparams=hparams
+  # A branch, not a select of the two states: the update runs only on finite gradients
+  # and no pass over every weight, momentum and EMA leaf chooses between old and new.
+  new_state, stepped = jax.lax.cond(
+    finite,
+    lambda state: apply_update(setup, state, grads=grads, batch_stats=batch_stats, hparams=hparams),
+    lambda state: (state.replace(step=state.step + 1), jnp.zeros((), bool)),
+    state,
   )
-  kept = state.replace(step=state.step + 1)
-  new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated, kept)
   boxes_per_image = jnp.mean(jnp.sum(targets.valid, axis=1, dtype=jnp.float32))
   metrics = {
     'loss': loss,
