@@ -23,7 +23,9 @@ image, 80 classes). Printed per row:
 Where torch can run the reference package (``sas-yolov7``), upstream's step
 on the same device is timed in its own process (one framework per process):
 its ``Model`` and ``ComputeLossAuxOTA`` with the P6 hyper-parameters,
-``SGD`` over ``train_aux.py``'s three parameter groups, and on CUDA automatic
+``SGD`` over ``train_aux.py``'s three parameter groups and its ``ModelEMA``
+update after every optimiser step (ours steps and updates its EMA on every
+call too), and on CUDA automatic
 mixed precision (float16 autocast and a gradient scaler), as ``train_aux.py``
 trains. Its rows are matched with ours of the same batch (our bfloat16 with
 its AMP) and the ratio ``ours / upstream`` of images/s is printed.
@@ -52,6 +54,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import pathlib
 import platform
 import statistics
@@ -79,6 +82,9 @@ PEAK_TFLOPS = {
 }
 
 _GIB = 2.0**30
+
+# The profiler range around upstream's EMA update.
+EMA_SCOPE = 'ModelEMA.update'
 
 # Training memory per A100 (GB, automatic mixed precision) that mmyolo publishes for its
 # YOLOv7 P6 models at 1280 px and batch 16 per GPU (8 GPUs x 16): W-P6 and E-P6 (YOLOv7-E6).
@@ -267,6 +273,7 @@ def measure_upstream(case: Case, *, boxes: int, repeats: int) -> dict:
   import torch
   import yaml
   from sas_yolov7.models.yolo import Model
+  from sas_yolov7.utils.torch_utils import ModelEMA
 
   from reorg_jax.models import yolo
   from reorg_jax.reference import train_aux
@@ -297,6 +304,7 @@ def measure_upstream(case: Case, *, boxes: int, repeats: int) -> dict:
   optimizer.add_param_group({'params': pg1, 'weight_decay': hyp['weight_decay']})
   optimizer.add_param_group({'params': pg2})
   scaler = torch.amp.GradScaler('cuda', enabled=cuda)
+  ema = ModelEMA(model)
 
   images, labels = random_batch(case, boxes=boxes, seed=0)
   x = torch.from_numpy(images.transpose(0, 3, 1, 2).copy()).to(device)
@@ -311,6 +319,8 @@ def measure_upstream(case: Case, *, boxes: int, repeats: int) -> dict:
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad()
+    with torch.profiler.record_function(EMA_SCOPE):  # a name for benchmarks/step_profile.py
+      ema.update(model)
     if cuda:
       torch.cuda.synchronize()
     return float(loss)
@@ -409,19 +419,39 @@ def _worker(argv: list[str]) -> None:
       print('ROW ' + json.dumps(row), flush=True)
 
 
-def _in_own_process(framework: str, spec: dict, *, timeout: float) -> tuple[dict, list[dict]]:
-  """Runs ``framework``'s worker in a fresh process; returns its device line and rows."""
+def _in_own_process(
+  framework: str, spec: dict, *, timeout: float, env: dict[str, str] | None = None
+) -> tuple[dict, list[dict]]:
+  """Runs ``framework``'s worker in a fresh process (environment ``env``, default this
+  one's); returns its device line and rows."""
   done = subprocess.run(
     [sys.executable, __file__, '--worker', framework, json.dumps(spec)],
     capture_output=True,
     text=True,
     timeout=timeout,
+    env=env,
   )
   if done.returncode != 0:
     raise SystemExit(f'{framework} worker failed (exit {done.returncode}):\n{done.stderr[-3000:]}')
   lines = done.stdout.splitlines()
   device = next((json.loads(x[7:]) for x in lines if x.startswith('DEVICE ')), {})
   return device, [json.loads(x[4:]) for x in lines if x.startswith('ROW ')]
+
+
+def worker_environment(framework: str, *, same: bool) -> dict[str, str]:
+  """The environment of ``framework``'s worker in a comparison of the two steps.
+
+  With ``same``, this process's for both. Otherwise each side's as its own
+  program would run when started from here: ours in the one ``reorg-jax`` and
+  ``python -m train`` give themselves (glibc's huge-page tunable where it
+  helps, :func:`reorg_jax.program.allocator.program_environment`), upstream's
+  in this process's.
+  """
+  from reorg_jax.program import allocator
+
+  if same or framework != 'ours':
+    return dict(os.environ)
+  return allocator.program_environment(os.environ)
 
 
 def _fmt(value: float | None, spec: str, scale: float = 1.0) -> str:

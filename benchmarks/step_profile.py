@@ -4,12 +4,15 @@ The steps are the ones ``benchmarks/train_speed.py --vs-upstream`` times, built 
 ``benchmarks/device_step.py``'s workers: ours is
 :func:`reorg_jax.training.step.train_step` (forward, lead-guided assignment and
 loss, backward, optimiser, EMA; the state donated) compiled once; upstream's is
-``Model``, ``ComputeLossAuxOTA``, backward and Nesterov ``SGD`` over
-``train_aux.py``'s three parameter groups, float32 (no EMA: that step has
-none). Same model, image size, batch, random images and ``--boxes`` random
+``Model``, ``ComputeLossAuxOTA``, backward, Nesterov ``SGD`` over
+``train_aux.py``'s three parameter groups and ``ModelEMA``'s update, float32.
+Same model, image size, batch, random images and ``--boxes`` random
 boxes per image. Each framework runs in its own process (two frameworks' thread
 pools in one process starve each other), with accelerators hidden: this is a CPU
-profile. Per model each side warms up (``--warmup`` steps after our
+profile. Each worker runs in the environment its program runs in when started
+from this shell: ours with glibc's huge-page tunable where it helps, as
+``reorg-jax`` and ``python -m train`` set it for themselves; upstream's as it
+is (``--same-environment``: both as it is). Per model each side warms up (``--warmup`` steps after our
 compilation), then runs ``--steps`` profiled steps, then ``--steps`` unprofiled
 ones (the profilers add overhead; both sets are reported).
 
@@ -45,8 +48,10 @@ convolution if it holds a convolution or dot (XLA:CPU rewrites some 1x1
 convolutions as dots), else as a reduction if it holds one, else as a copy if it
 holds only data movement, else as elementwise. A convolution is forward when its
 ``op_name`` has ``jvp(`` without ``transpose(``; a backward one is by weight when
-its output's shape, ones dropped, is that of its layer's kernel (named by its
-``op_name``; any kernel of the model if it has none), else by input.
+its output's shape, ones dropped, is that of its layer's kernel or of one tap
+of it (``[I, O]``: :mod:`reorg_jax.models.convolution` computes some kernels'
+gradients one tap at a time) (the layer named by its ``op_name``; any kernel
+of the model if it has none), else by input.
 
 Upstream: ``torch.profiler`` (CPU) over the same steps. ``measure_upstream``
 builds and runs the step (its first step is the first warm-up step); a hook on
@@ -54,9 +59,10 @@ the model's forward marks each step's start (after the image conversion) and
 starts and stops the profiler there. The loss is a ``record_function`` around
 ``ComputeLossAuxOTA.__call__`` (wrapped in this worker while the step runs), and
 its backward is the autograd nodes whose
-sequence numbers belong to the loss's forward operators; the optimiser is
-torch's own ``Optimizer.step`` / ``zero_grad`` ranges. Other operators count by
-their outermost named range (``ConvolutionBackward0``,
+sequence numbers belong to the loss's forward operators; the optimiser and
+EMA are torch's own ``Optimizer.step`` / ``zero_grad`` ranges and the
+``ModelEMA.update`` range ``measure_upstream`` puts around the EMA update.
+Other operators count by their outermost named range (``ConvolutionBackward0``,
 ``NativeBatchNormBackward0``, ...), then by the ``aten::`` name. Upstream's
 convolution backward computes both gradients in one operator
 (``convolution_backward``), so it is one row, "not split", unless its profile
@@ -340,7 +346,11 @@ class StepHlo:
       self.members[computation].append(name)
       for callee in called:
         self.caller.setdefault(callee, name)
-    self.kernels = {path: _nonunit(shape) for path, shape in kernels.items()}
+    # A kernel's shape, and the [I, O] of one of its taps (reorg_jax.models.convolution
+    # computes a k x k kernel's gradient one tap at a time).
+    self.kernels = {
+      path: {_nonunit(shape), _nonunit(shape[-2:])} for path, shape in kernels.items()
+    }
     self._categories: dict[str, str] = {}
 
   def _inner(self, name: str) -> list[str]:
@@ -406,9 +416,9 @@ class StepHlo:
       return 'conv_forward'
     parts = scope.split('/')
     layer = next((i for i, part in enumerate(parts) if 'jvp(' in part), None)
-    candidates = set(self.kernels.values())
+    candidates = set().union(*self.kernels.values())
     if layer is not None and '/'.join(parts[layer + 1 : -1]) in self.kernels:
-      candidates = {self.kernels['/'.join(parts[layer + 1 : -1])]}
+      candidates = self.kernels['/'.join(parts[layer + 1 : -1])]
     shape = instruction['shape']
     return 'conv_weight' if shape is not None and _nonunit(shape) in candidates else 'conv_input'
 
@@ -585,6 +595,7 @@ def _is_backward(name: str) -> bool:
 
 def torch_categories(events: list[Any]) -> dict[int, str]:
   """``id(event)`` -> category key of every profiled CPU event (see the module notes)."""
+  import device_step
 
   def chain(event: Any) -> list[Any]:
     links = []
@@ -609,7 +620,7 @@ def torch_categories(events: list[Any]) -> dict[int, str]:
       for x in links
     ):
       category = 'loss'
-    elif any(n.startswith('Optimizer.') for n in names):
+    elif any(n.startswith('Optimizer.') or n == device_step.EMA_SCOPE for n in names):
       category = 'update'
     else:
       kinds = [_torch_kind(n) for n in names]
@@ -717,9 +728,17 @@ def _worker(argv: list[str]) -> None:
   print('ROW ' + json.dumps(row), flush=True)
 
 
-def in_own_process(framework: str, spec: dict[str, Any], *, timeout: float) -> dict[str, Any]:
-  """Runs ``framework``'s worker in a fresh process with accelerators hidden; its row."""
-  env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'CUDA_VISIBLE_DEVICES': ''}
+def in_own_process(
+  framework: str, spec: dict[str, Any], *, timeout: float, same_environment: bool = False
+) -> dict[str, Any]:
+  """Runs ``framework``'s worker in a fresh process with accelerators hidden; its row.
+
+  The environment is ``device_step.worker_environment``'s (``same_environment``: this one).
+  """
+  import device_step
+
+  env = device_step.worker_environment(framework, same=same_environment)
+  env.update(JAX_PLATFORMS='cpu', CUDA_VISIBLE_DEVICES='')
   done = subprocess.run(
     [sys.executable, __file__, '--worker', framework, json.dumps(spec)],
     capture_output=True,
@@ -834,6 +853,12 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument('--top', type=int, default=10, help='busiest operations listed per side')
   parser.add_argument('--out', type=pathlib.Path, help='folder of the raw traces (default: new)')
   parser.add_argument('--timeout', type=float, default=7200.0, help='seconds per worker process')
+  parser.add_argument(
+    '--same-environment',
+    action='store_true',
+    help='both workers in this environment (default: ours in the one the program gives '
+    "itself, with glibc's huge-page tunable where it helps)",
+  )
   args = parser.parse_args(argv)
   models = [m for group in args.models for m in group.split(',') if m]
   for model in models:
@@ -856,8 +881,9 @@ def main(argv: list[str] | None = None) -> int:
       'top': args.top,
       'out': str(out / model),
     }
-    ours = in_own_process('ours', spec, timeout=args.timeout)
-    theirs = in_own_process('upstream', spec, timeout=args.timeout)
+    same = args.same_environment
+    ours = in_own_process('ours', spec, timeout=args.timeout, same_environment=same)
+    theirs = in_own_process('upstream', spec, timeout=args.timeout, same_environment=same)
     (out / model / 'summary.json').write_text(
       json.dumps({'spec': spec, 'ours': ours, 'upstream': theirs}, indent=1)
     )

@@ -21,12 +21,16 @@ Times are medians of repeated calls after the first (compiling) one; the
 state is donated between calls as in training. Prints a table; not a test.
 
 ``--vs-upstream`` instead times the whole training step against upstream's
-(``Model``, ``ComputeLossAuxOTA``, backward and Nesterov ``SGD`` over its three
-parameter groups, float32) for the same models, sizes and batches, on random
-images with ``--boxes`` random boxes per image and ``--classes`` classes. Each
+(``Model``, ``ComputeLossAuxOTA``, backward, Nesterov ``SGD`` over its three
+parameter groups and ``ModelEMA``'s update, float32) for the same models,
+sizes and batches, on random images with ``--boxes`` random boxes per image
+and ``--classes`` classes. Each
 framework runs in its own process (two frameworks' thread pools in one process
-starve each other), ``--rounds`` rounds alternating which goes first; each
-round reports the median of ``--repeats`` steps after the first, and the best
+starve each other), each in the environment its program runs in when started
+from this shell (ours with glibc's huge-page tunable where it helps, as
+``reorg-jax`` and ``python -m train`` set it for themselves; upstream's as it
+is; ``--same-environment``: both as it is), ``--rounds`` rounds alternating
+which goes first; each round reports the median of ``--repeats`` steps after the first, and the best
 round counts. It prints our compile time (the first call: tracing, XLA
 compilation) and upstream's first step, and a line per model::
 
@@ -190,7 +194,8 @@ def vs_upstream(args: argparse.Namespace) -> None:
     for round_ in range(args.rounds):
       order = ('ours', 'upstream') if round_ % 2 == 0 else ('upstream', 'ours')
       for framework in order:
-        (row,) = device_step._in_own_process(framework, spec, timeout=3600)[1]
+        env = device_step.worker_environment(framework, same=args.same_environment)
+        (row,) = device_step._in_own_process(framework, spec, timeout=3600, env=env)[1]
         if framework not in best or row['step_s'] < best[framework]['step_s']:
           best[framework] = row
     ours, theirs = best['ours'], best['upstream']
@@ -216,6 +221,12 @@ def main() -> None:
   parser.add_argument('--repeats', type=int, default=5)
   parser.add_argument('--vs-upstream', action='store_true', help="whole steps against upstream's")
   parser.add_argument('--rounds', type=int, default=2, help='--vs-upstream: alternating rounds')
+  parser.add_argument(
+    '--same-environment',
+    action='store_true',
+    help='--vs-upstream: both workers in this environment (default: ours in the one the '
+    "program gives itself, with glibc's huge-page tunable where it helps)",
+  )
   parser.add_argument('--boxes', type=int, default=7, help='--vs-upstream: boxes per image')
   parser.add_argument('--classes', type=int, default=80, help='--vs-upstream: classes')
   args = parser.parse_args()

@@ -51,6 +51,21 @@ def test_tunables_keep_what_was_set():
   )
 
 
+@pytest.mark.parametrize('environ', [{}, {'GLIBC_TUNABLES': 'glibc.malloc.arena_max=2'}])
+def test_program_environment_is_the_one_after_the_restart(environ, monkeypatch):
+  for thp, glibc in (('madvise', (2, 36)), ('never', (2, 36))):
+    monkeypatch.setattr(allocator, '_thp_mode', lambda thp=thp: thp)
+    monkeypatch.setattr(allocator, '_glibc_version', lambda glibc=glibc: glibc)
+    env = allocator.program_environment({**environ, 'HOME': '/x'})
+    assert env['HOME'] == '/x'
+    if thp == 'madvise':
+      assert env['GLIBC_TUNABLES'] == allocator.tunables_with_huge_pages(
+        environ.get('GLIBC_TUNABLES')
+      )
+    else:
+      assert env == {**environ, 'HOME': '/x'}
+
+
 def test_thp_mode_reads_the_bracketed_choice(tmp_path):
   mode = tmp_path / 'enabled'
   mode.write_text('always [madvise] never\n')

@@ -40,6 +40,7 @@ __all__ = [
   'OFF_SWITCH',
   'THP_MODE_FILE',
   'TUNABLE',
+  'program_environment',
   'restart_with_huge_pages',
   'tunables_with_huge_pages',
   'wanted',
@@ -97,6 +98,19 @@ def wanted(
   if glibc is None or glibc < _FIRST_GLIBC:
     return False
   return thp_mode in ('always', 'madvise')
+
+
+def program_environment(environ: Mapping[str, str]) -> dict[str, str]:
+  """The environment the program runs in when started with ``environ`` (after its restart).
+
+  ``environ`` with ``glibc.malloc.hugetlb=1`` added to ``GLIBC_TUNABLES``
+  where :func:`wanted` on this machine, else unchanged. Benchmarks start their
+  workers in it to time our step as the program runs it.
+  """
+  env = dict(environ)
+  if wanted(environ, glibc=_glibc_version(), thp_mode=_thp_mode()):
+    env['GLIBC_TUNABLES'] = tunables_with_huge_pages(environ.get('GLIBC_TUNABLES'))
+  return env
 
 
 def restart_with_huge_pages() -> None:
