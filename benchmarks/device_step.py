@@ -454,6 +454,17 @@ def worker_environment(framework: str, *, same: bool) -> dict[str, str]:
   return allocator.program_environment(os.environ)
 
 
+def add_same_environment_option(parser: argparse.ArgumentParser, *, applies_to: str = '') -> None:
+  """``--same-environment`` (:func:`worker_environment`'s ``same``), for scripts comparing the
+  two steps; ``applies_to`` prefixes its help (``'--vs-upstream: '``)."""
+  parser.add_argument(
+    '--same-environment',
+    action='store_true',
+    help=f'{applies_to}both workers in this environment (default: ours in the one the '
+    "program gives itself, with glibc's huge-page tunable where it helps)",
+  )
+
+
 def _fmt(value: float | None, spec: str, scale: float = 1.0) -> str:
   return 'n/a' if value is None else format(value / scale, spec)
 

@@ -842,6 +842,8 @@ def main(argv: list[str] | None = None) -> int:
   if argv[:1] == ['--worker']:
     _worker(argv[1:])
     return 0
+  import device_step
+
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--models', nargs='+', default=['nano,w6'], help='nano, w6 (comma list)')
   parser.add_argument('--image-size', type=int, help="override every model's image side")
@@ -853,12 +855,7 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument('--top', type=int, default=10, help='busiest operations listed per side')
   parser.add_argument('--out', type=pathlib.Path, help='folder of the raw traces (default: new)')
   parser.add_argument('--timeout', type=float, default=7200.0, help='seconds per worker process')
-  parser.add_argument(
-    '--same-environment',
-    action='store_true',
-    help='both workers in this environment (default: ours in the one the program gives '
-    "itself, with glibc's huge-page tunable where it helps)",
-  )
+  device_step.add_same_environment_option(parser)
   args = parser.parse_args(argv)
   models = [m for group in args.models for m in group.split(',') if m]
   for model in models:

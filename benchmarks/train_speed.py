@@ -212,6 +212,8 @@ def vs_upstream(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
+  import device_step
+
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--models', nargs='+', default=['nano', 'w6'], choices=['nano', 'w6'])
   parser.add_argument('--nano-size', type=int, default=256)
@@ -221,12 +223,7 @@ def main() -> None:
   parser.add_argument('--repeats', type=int, default=5)
   parser.add_argument('--vs-upstream', action='store_true', help="whole steps against upstream's")
   parser.add_argument('--rounds', type=int, default=2, help='--vs-upstream: alternating rounds')
-  parser.add_argument(
-    '--same-environment',
-    action='store_true',
-    help='--vs-upstream: both workers in this environment (default: ours in the one the '
-    "program gives itself, with glibc's huge-page tunable where it helps)",
-  )
+  device_step.add_same_environment_option(parser, applies_to='--vs-upstream: ')
   parser.add_argument('--boxes', type=int, default=7, help='--vs-upstream: boxes per image')
   parser.add_argument('--classes', type=int, default=80, help='--vs-upstream: classes')
   args = parser.parse_args()
