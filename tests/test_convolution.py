@@ -6,7 +6,8 @@ same gradients by input and by kernel, to float rounding, on shapes chosen to
 break index arithmetic (odd sides, strides that do not divide them, one-sided
 and wide padding, one-pixel outputs, kernels wider than the input, a single
 channel), in float64, float32 and bfloat16, under ``jit`` and not; and the
-small model's gradients in training mode must not move.
+small model's gradients in training mode must not move. The tap gradients are
+XLA:CPU's: a step lowered for a GPU or TPU keeps XLA's convolution gradients.
 """
 
 from __future__ import annotations
@@ -122,6 +123,39 @@ def test_other_calls_pass_through_unchanged():
     got = conv_nhwc(lhs, rhs, (1, 1), pads, **kwargs)
     want = jax.lax.conv_general_dilated(lhs, rhs, (1, 1), pads, **kwargs)
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+@pytest.mark.parametrize(
+  'platform,loops,convolutions', [('cpu', 2, 0), ('cuda', 0, 2), ('tpu', 0, 2)]
+)
+def test_each_platform_compiles_only_its_own_gradients(platform, loops, convolutions):
+  """The CPU's step holds the two tap loops and no convolution gradient; the others the reverse."""
+  x = _random((1, 8, 8, 4), 'float32', 12)
+  kernel = _random((3, 3, 4, 5), 'float32', 13)
+
+  def loss(x, kernel):  # strided: both gradients by taps on the CPU; the forward is unused
+    return conv_nhwc(
+      x, kernel, (2, 2), ((1, 1), (1, 1)), dimension_numbers=('NHWC', 'HWIO', 'NHWC')
+    ).sum()
+
+  traced = jax.jit(jax.grad(loss, argnums=(0, 1))).trace(x, kernel)
+  text = traced.lower(lowering_platforms=(platform,)).as_text()
+  assert text.count('stablehlo.while') == loops
+  assert text.count('stablehlo.convolution') == convolutions
+
+
+@pytest.mark.parametrize('gradients', [convolution.gradients_by_taps, convolution.xla_gradients])
+@pytest.mark.parametrize('case', CASES[:5] + CASES[8:], ids=[str(i) for i in (0, 1, 2, 3, 4, 8)])
+def test_both_platforms_gradients_are_xlas(case, gradients):
+  """The CPU branch and the other platforms' branch, called directly, in float64."""
+  x_shape, kernel_shape, strides, padding = case
+  x, kernel = _random(x_shape, 'float64', 14), _random(kernel_shape, 'float64', 15)
+  out, vjp = jax.vjp(lambda x, k: reference_conv(x, k, strides=strides, padding=padding), x, kernel)
+  cotangent = _random(out.shape, 'float64', 16)
+  got = gradients(x, kernel, cotangent, strides=strides, padding=padding)
+  for name, g, w in zip(('by input', 'by kernel'), got, vjp(cotangent), strict=True):
+    assert g.shape == w.shape and g.dtype == w.dtype, name
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-12, atol=1e-12, err_msg=name)
 
 
 def test_rule_takes_taps_for_strided_and_wide_convolutions():

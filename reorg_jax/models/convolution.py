@@ -34,11 +34,19 @@ another order: results agree with XLA's convolutions to float rounding
 (``tests/test_convolution.py`` compares both ways on adversarial shapes, in
 float64, float32 and bfloat16, with and without ``jit``).
 
-The cost is memory: the taps' strided input windows and placed products are
-temporaries XLA's own convolution gradients do not have. XLA:CPU's memory
-analysis of the W6 step at 1280 px, batch 16, bfloat16 grew from 17.9 to
-19.9 GiB with ``Remat.BLOCKS`` and from 41.8 to 59.3 GiB with ``Remat.NONE``
-(E6E ``BLOCKS``: 38.2 to 44.3 GiB; the README's remat table).
+The tap gradients are XLA:CPU's: :func:`gradients_by_taps` is the CPU branch
+of a ``lax.platform_dependent`` whose other branch, for GPUs and TPUs, is
+XLA's own (:func:`xla_gradients`; the taps were not measured there), chosen
+when the step is lowered, so each platform's program holds one of them. Each
+tap function is one ``fori_loop`` over the taps, so that one strided window
+(or one tap's product) exists at a time: written as ``k * k`` unrolled
+products, XLA:CPU kept them alive together and its memory analysis of the W6
+step at 1280 px, batch 16, bfloat16, ``Remat.BLOCKS`` grew from 17.9 GiB
+(XLA's gradients) to 19.9 GiB (E6E: 38.2 to 44.3 GiB); as loops it is
+19.5 GiB (E6E 42.0 GiB; the README's remat table). Timed one layer shape of
+W6 at a time, the loops' kernel gradients ran 1.0-1.4x faster than the
+unrolled ones, their strided input gradients 0.6-1.2x as fast (slowest on the
+smallest maps); the whole step's time stayed within the runs' spread.
 """
 
 from __future__ import annotations
@@ -52,10 +60,12 @@ from jax import lax
 
 __all__ = [
   'conv_nhwc',
+  'gradients_by_taps',
   'input_gradient_by_taps',
   'reference_conv',
   'weight_gradient_by_taps',
   'weight_gradient_by_taps_wins',
+  'xla_gradients',
 ]
 
 Padding = tuple[tuple[int, int], tuple[int, int]]
@@ -110,7 +120,9 @@ def weight_gradient_by_taps(
   ``window(i, j)ᵀ @ output_gradient`` over the ``N`` output positions, where
   ``window(i, j)`` is the zero-padded input sampled at rows
   ``i, i + s, ..., i + s (H' - 1)`` and columns likewise (the input values
-  that tap multiplied in the forward pass).
+  that tap multiplied in the forward pass). The taps run in a ``fori_loop``
+  over one ``[B, H_q, s, W_q, s, I]`` view of the padded input, in which each
+  window is a contiguous block, so one window exists at a time.
 
   Args:
     x: the convolution's input ``[B, H, W, I]``.
@@ -121,29 +133,45 @@ def weight_gradient_by_taps(
     precision: of the matrix products.
   """
   batch, out_height, out_width, out_features = output_gradient.shape
-  in_features = x.shape[-1]
-  padded = jnp.pad(x, ((0, 0), *padding, (0, 0)))
+  _, height, width, in_features = x.shape
+  (kh, kw), (sh, sw) = kernel_size, strides
+  (top, _), (left, _) = padding
+  # Row r of the padded input is row r // s of phase r % s, so every tap's strided window is
+  # one contiguous block of a [B, H_q, s_h, W_q, s_w, I] view: rows i // s_h ... of phase
+  # i % s_h. H_q = (kh - 1) // s_h + H' phase rows reach the last tap; padded rows beyond
+  # them are cropped (negative high padding), rows missing below are zeros.
+  phase_height = (kh - 1) // sh + out_height
+  phase_width = (kw - 1) // sw + out_width
+  padded = lax.pad(
+    x,
+    jnp.zeros((), x.dtype),
+    (
+      (0, 0, 0),
+      (top, phase_height * sh - height - top, 0),
+      (left, phase_width * sw - width - left, 0),
+      (0, 0, 0),
+    ),
+  )
+  phases = padded.reshape(batch, phase_height, sh, phase_width, sw, in_features)
   gradient = output_gradient.reshape(-1, out_features)  # [N, O]
-  taps = []
-  for i in range(kernel_size[0]):
-    for j in range(kernel_size[1]):
-      window = lax.slice(
-        padded,
-        (0, i, j, 0),
-        (
-          batch,
-          i + strides[0] * (out_height - 1) + 1,
-          j + strides[1] * (out_width - 1) + 1,
-          in_features,
-        ),
-        (1, strides[0], strides[1], 1),
-      )  # [B, H', W', I]
-      taps.append(
-        lax.dot_general(
-          window.reshape(-1, in_features), gradient, (((0,), (0,)), ((), ())), precision=precision
-        )  # [I, O]
-      )
-  return jnp.stack(taps).reshape(*kernel_size, in_features, out_features)
+  dtype = jnp.result_type(x.dtype, output_gradient.dtype)
+
+  def tap(index: jax.Array, taps: jax.Array) -> jax.Array:
+    i, j = index // kw, index % kw
+    window = lax.dynamic_slice(
+      phases,
+      (0, i // sh, i % sh, j // sw, j % sw, 0),
+      (batch, out_height, 1, out_width, 1, in_features),
+    ).reshape(-1, in_features)  # [N, I]
+    product = lax.dot_general(
+      window, gradient, (((0,), (0,)), ((), ())), precision=precision
+    )  # [I, O]
+    return lax.dynamic_update_index_in_dim(taps, product.astype(dtype), index, 0)
+
+  # A loop, not k * k unrolled products: XLA:CPU then keeps one window alive at a time (the
+  # unrolled form held them together: +25% memory on W6's step) and runs it faster.
+  taps = lax.fori_loop(0, kh * kw, tap, jnp.zeros((kh * kw, in_features, out_features), dtype))
+  return taps.reshape(kh, kw, in_features, out_features)
 
 
 def input_gradient_by_taps(
@@ -161,7 +189,8 @@ def input_gradient_by_taps(
   ``output_gradient @ kernel[i, j]ᵀ`` (``[B, H', W', I]``), which belongs at
   rows ``i, i + s, ..., i + s (H' - 1)`` and columns likewise of the padded
   input (zero padding with ``s - 1`` zeros between the rows and columns puts
-  it there); the taps' sum, less the padding, is the gradient. XLA:CPU runs
+  it there); the taps' sum, less the padding, is the gradient. The taps run
+  in a ``fori_loop`` adding each product in place into one sum. XLA:CPU runs
   a strided convolution's gradient by input as a convolution of the
   zero-dilated output gradient, outside its fast convolution kernels.
 
@@ -176,35 +205,54 @@ def input_gradient_by_taps(
   Returns:
     ``[B, H, W, I]`` in float32 or the inputs' dtype if wider.
   """
-  _, out_height, out_width, _ = output_gradient.shape
-  _, height, width, _ = input_shape
+  batch, out_height, out_width, _ = output_gradient.shape
+  _, height, width, in_features = input_shape
+  (kh, kw), (sh, sw) = kernel.shape[:2], strides
   (top, bottom), (left, right) = padding
-  padded_height, padded_width = height + top + bottom, width + left + right
   # The taps are summed here, not inside one product: in at least float32 (bfloat16 sums
   # would round at every tap), returned in that dtype.
   accumulate = jnp.promote_types(output_gradient.dtype, jnp.float32)
-  zero = jnp.zeros((), accumulate)
-  total = None
-  for i in range(kernel.shape[0]):
-    for j in range(kernel.shape[1]):
-      tap = lax.dot_general(
-        output_gradient,
-        kernel[i, j],
-        (((3,), (1,)), ((), ())),
-        precision=precision,
-        preferred_element_type=accumulate,
-      )  # [B, H', W', I]
-      placed = lax.pad(
-        tap,
-        zero,
-        (
-          (0, 0, 0),
-          (i, padded_height - i - strides[0] * (out_height - 1) - 1, strides[0] - 1),
-          (j, padded_width - j - strides[1] * (out_width - 1) - 1, strides[1] - 1),
-          (0, 0, 0),
-        ),
-      )  # [B, H + top + bottom, W + left + right, I]
-      total = placed if total is None else total + placed
+  # The padded input's rows and columns as phases (weight_gradient_by_taps): tap (i, j)
+  # adds to one contiguous block of the [B, H_q, s_h, W_q, s_w, I] sum.
+  phase_height = (kh - 1) // sh + out_height
+  phase_width = (kw - 1) // sw + out_width
+
+  def tap(index: jax.Array, total: jax.Array) -> jax.Array:
+    i, j = index // kw, index % kw
+    weights = lax.dynamic_index_in_dim(
+      lax.dynamic_index_in_dim(kernel, i, 0, keepdims=False), j, 0, keepdims=False
+    )  # [I, O]
+    product = lax.dot_general(
+      output_gradient,
+      weights,
+      (((3,), (1,)), ((), ())),
+      precision=precision,
+      preferred_element_type=accumulate,
+    )  # [B, H', W', I]
+    start = (0, i // sh, i % sh, j // sw, j % sw, 0)
+    shape = (batch, out_height, 1, out_width, 1, in_features)
+    block = lax.dynamic_slice(total, start, shape)
+    return lax.dynamic_update_slice(total, block + product.reshape(shape), start)
+
+  # A loop: one tap's product alive at a time, summed in place (unrolled, XLA:CPU kept the
+  # k * k products alive together).
+  total = lax.fori_loop(
+    0,
+    kh * kw,
+    tap,
+    jnp.zeros((batch, phase_height, sh, phase_width, sw, in_features), accumulate),
+  ).reshape(batch, phase_height * sh, phase_width * sw, in_features)
+  # Padded rows and columns no tap reaches got nothing: zeros, then the padding is cropped.
+  total = lax.pad(
+    total,
+    jnp.zeros((), accumulate),
+    (
+      (0, 0, 0),
+      (0, max(0, height + top + bottom - phase_height * sh), 0),
+      (0, max(0, width + left + right - phase_width * sw), 0),
+      (0, 0, 0),
+    ),
+  )
   return total[:, top : top + height, left : left + width]
 
 
@@ -216,8 +264,8 @@ def _conv_with_tap_gradient(
   padding: Padding,
   precision: lax.PrecisionLike,
 ) -> jax.Array:
-  """XLA's convolution, differentiated by :func:`weight_gradient_by_taps` (and, strided, by
-  :func:`input_gradient_by_taps`)."""
+  """XLA's convolution, differentiated by :func:`gradients_by_taps` in a step compiled for the
+  CPU and by :func:`xla_gradients` elsewhere."""
   return reference_conv(x, kernel, strides=strides, padding=padding, precision=precision)
 
 
@@ -225,8 +273,21 @@ def _conv_forward(x, kernel, strides, padding, precision):
   return _conv_with_tap_gradient(x, kernel, strides, padding, precision), (x, kernel)
 
 
-def _conv_backward(strides, padding, precision, residuals, output_gradient):
-  x, kernel = residuals
+def gradients_by_taps(
+  x: jax.Array,
+  kernel: jax.Array,
+  output_gradient: jax.Array,
+  *,
+  strides: tuple[int, int],
+  padding: Padding,
+  precision: lax.PrecisionLike = None,
+) -> tuple[jax.Array, jax.Array]:
+  """A convolution's gradients by input and kernel as XLA:CPU runs them fast.
+
+  ``[B, H, W, I], [k, k, I, O], [B, H', W', O] -> ([B, H, W, I], [k, k, I, O])``
+  in the dtypes of ``x`` and ``kernel``: by kernel :func:`weight_gradient_by_taps`;
+  by input :func:`input_gradient_by_taps` when strided, else XLA's.
+  """
   if max(strides) > 1:
     input_gradient = input_gradient_by_taps(
       output_gradient,
@@ -251,6 +312,41 @@ def _conv_backward(strides, padding, precision, residuals, output_gradient):
     precision=precision,
   )
   return input_gradient.astype(x.dtype), kernel_gradient.astype(kernel.dtype)
+
+
+def xla_gradients(
+  x: jax.Array,
+  kernel: jax.Array,
+  output_gradient: jax.Array,
+  *,
+  strides: tuple[int, int],
+  padding: Padding,
+  precision: lax.PrecisionLike = None,
+) -> tuple[jax.Array, jax.Array]:
+  """XLA's own gradients of :func:`reference_conv` (the shapes of :func:`gradients_by_taps`)."""
+  _, backward = jax.vjp(
+    lambda x, kernel: reference_conv(
+      x, kernel, strides=strides, padding=padding, precision=precision
+    ),
+    x,
+    kernel,
+  )
+  return backward(output_gradient)
+
+
+def _conv_backward(strides, padding, precision, residuals, output_gradient):
+  x, kernel = residuals
+  # The taps are measured to pay on XLA:CPU only; GPUs and TPUs keep XLA's gradients
+  # (cuDNN's on CUDA). The branch is chosen when the step is lowered for its platform: the
+  # other is not in the compiled program.
+  options = {'strides': strides, 'padding': padding, 'precision': precision}
+  return lax.platform_dependent(
+    x,
+    kernel,
+    output_gradient,
+    cpu=functools.partial(gradients_by_taps, **options),
+    default=functools.partial(xla_gradients, **options),
+  )
 
 
 _conv_with_tap_gradient.defvjp(_conv_forward, _conv_backward)
