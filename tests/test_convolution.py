@@ -183,10 +183,14 @@ def test_model_gradients_do_not_move(monkeypatch):
   monkeypatch.setattr(layers, 'conv_nhwc', jax.lax.conv_general_dilated)
   monkeypatch.setattr(detect, 'conv_nhwc', jax.lax.conv_general_dilated)
   xla = jax.jit(jax.grad(loss))(variables['params'])
+  # Training-mode batch normalisation over 2 images of the deepest maps (1 x 1 at 64 px)
+  # amplifies float64 rounding: sums in another order differ by up to about 4e-10 of a
+  # leaf's largest entry (measured, with this loss and a linear one). A wrong tap or a
+  # float32 rounding on the way moves a leaf by 1e-7 or more.
   for path, got in jax.tree_util.tree_leaves_with_path(ours):
     want = _leaf(xla, path)
     scale = float(jnp.max(jnp.abs(want))) or 1.0
-    assert float(jnp.max(jnp.abs(got - want))) / scale < 1e-10, jax.tree_util.keystr(path)
+    assert float(jnp.max(jnp.abs(got - want))) / scale < 1e-8, jax.tree_util.keystr(path)
 
 
 def _leaf(tree, path):
