@@ -105,6 +105,37 @@ def weight_gradient_by_taps_wins(
   return max(strides) > 1 or in_features * out_features >= _TAPS_MIN_CHANNEL_PRODUCT
 
 
+def _phase_view(
+  *, kernel_size: tuple[int, int], strides: tuple[int, int], out_size: tuple[int, int]
+) -> tuple[int, int]:
+  """``(H_q, W_q)``: the phase rows and columns of the padded input that reach the last tap.
+
+  Row ``r`` of the padded input is row ``r // s`` of phase ``r % s``, so in a
+  ``[B, H_q, s_h, W_q, s_w, F]`` view every tap's strided window is one
+  contiguous block (:func:`_tap_block`); ``H_q = (kh - 1) // s_h + H'``.
+  """
+  (kh, kw), (sh, sw), (out_height, out_width) = kernel_size, strides, out_size
+  return (kh - 1) // sh + out_height, (kw - 1) // sw + out_width
+
+
+def _tap_block(
+  index: jax.Array,
+  *,
+  kernel_width: int,
+  strides: tuple[int, int],
+  shape: tuple[int, int, int, int],
+) -> tuple[tuple[jax.Array | int, ...], tuple[int, ...]]:
+  """Start and size of tap ``index``'s window in the ``[B, H_q, s_h, W_q, s_w, F]`` view.
+
+  ``shape`` is ``(B, H', W', F)``; tap ``(i, j) = divmod(index, kw)`` covers rows
+  ``i // s_h ...`` of phase ``i % s_h`` and columns likewise (:func:`_phase_view`).
+  """
+  (sh, sw), (batch, out_height, out_width, features) = strides, shape
+  i, j = index // kernel_width, index % kernel_width
+  start = (0, i // sh, i % sh, j // sw, j % sw, 0)
+  return start, (batch, out_height, 1, out_width, 1, features)
+
+
 def weight_gradient_by_taps(
   x: jax.Array,
   output_gradient: jax.Array,
@@ -136,12 +167,11 @@ def weight_gradient_by_taps(
   _, height, width, in_features = x.shape
   (kh, kw), (sh, sw) = kernel_size, strides
   (top, _), (left, _) = padding
-  # Row r of the padded input is row r // s of phase r % s, so every tap's strided window is
-  # one contiguous block of a [B, H_q, s_h, W_q, s_w, I] view: rows i // s_h ... of phase
-  # i % s_h. H_q = (kh - 1) // s_h + H' phase rows reach the last tap; padded rows beyond
-  # them are cropped (negative high padding), rows missing below are zeros.
-  phase_height = (kh - 1) // sh + out_height
-  phase_width = (kw - 1) // sw + out_width
+  # The padded input as phases (_phase_view): padded rows beyond the last tap's are cropped
+  # (negative high padding), rows missing below are zeros.
+  phase_height, phase_width = _phase_view(
+    kernel_size=kernel_size, strides=strides, out_size=(out_height, out_width)
+  )
   padded = lax.pad(
     x,
     jnp.zeros((), x.dtype),
@@ -157,12 +187,10 @@ def weight_gradient_by_taps(
   dtype = jnp.result_type(x.dtype, output_gradient.dtype)
 
   def tap(index: jax.Array, taps: jax.Array) -> jax.Array:
-    i, j = index // kw, index % kw
-    window = lax.dynamic_slice(
-      phases,
-      (0, i // sh, i % sh, j // sw, j % sw, 0),
-      (batch, out_height, 1, out_width, 1, in_features),
-    ).reshape(-1, in_features)  # [N, I]
+    start, size = _tap_block(
+      index, kernel_width=kw, strides=strides, shape=(batch, out_height, out_width, in_features)
+    )
+    window = lax.dynamic_slice(phases, start, size).reshape(-1, in_features)  # [N, I]
     product = lax.dot_general(
       window, gradient, (((0,), (0,)), ((), ())), precision=precision
     )  # [I, O]
@@ -212,10 +240,11 @@ def input_gradient_by_taps(
   # The taps are summed here, not inside one product: in at least float32 (bfloat16 sums
   # would round at every tap), returned in that dtype.
   accumulate = jnp.promote_types(output_gradient.dtype, jnp.float32)
-  # The padded input's rows and columns as phases (weight_gradient_by_taps): tap (i, j)
-  # adds to one contiguous block of the [B, H_q, s_h, W_q, s_w, I] sum.
-  phase_height = (kh - 1) // sh + out_height
-  phase_width = (kw - 1) // sw + out_width
+  # The padded input's rows and columns as phases (_phase_view): tap (i, j) adds to one
+  # contiguous block of the [B, H_q, s_h, W_q, s_w, I] sum.
+  phase_height, phase_width = _phase_view(
+    kernel_size=(kh, kw), strides=strides, out_size=(out_height, out_width)
+  )
 
   def tap(index: jax.Array, total: jax.Array) -> jax.Array:
     i, j = index // kw, index % kw
@@ -229,10 +258,11 @@ def input_gradient_by_taps(
       precision=precision,
       preferred_element_type=accumulate,
     )  # [B, H', W', I]
-    start = (0, i // sh, i % sh, j // sw, j % sw, 0)
-    shape = (batch, out_height, 1, out_width, 1, in_features)
-    block = lax.dynamic_slice(total, start, shape)
-    return lax.dynamic_update_slice(total, block + product.reshape(shape), start)
+    start, size = _tap_block(
+      index, kernel_width=kw, strides=strides, shape=(batch, out_height, out_width, in_features)
+    )
+    block = lax.dynamic_slice(total, start, size)
+    return lax.dynamic_update_slice(total, block + product.reshape(size), start)
 
   # A loop: one tap's product alive at a time, summed in place (unrolled, XLA:CPU kept the
   # k * k products alive together).
