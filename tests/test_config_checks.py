@@ -60,6 +60,13 @@ def _load(overrides=None, path=None):
     ('train.loader_workers', 2, 'set with train.loader_threads = 2: use one of them'),
     ('data.yaml', 5, 'data.yaml must be null or a str, got 5'),
     ('log.plots', 'yes', "log.plots must be true or false, got 'yes'"),
+    ('loss.capacity_fractions', 0.5, 'loss.capacity_fractions must be a list of finite numbers'),
+    (
+      'loss.capacity_fractions',
+      [0.5, 1],
+      r'capacity_fractions must lie in \(0, 1\), got \[0.5, 1\]',
+    ),
+    ('loss.batch_groups', 0, 'batch_groups must be >= 1, got 0'),
     ('model.name', 'nope.yaml', "model.name must be 'p6_nano' or a model YAML file"),
   ],
 )
@@ -85,13 +92,29 @@ def test_defaults_load_and_loss_defaults_live_in_loss_config():
     name: named.get(name, getattr(upstream, name)) for name in config_lib.LOSS_OPTIONS
   }
   assert config.loss['cls'] != upstream.cls
-  assert config.options['loss'] == dict(config.loss)
-  # The resume check still sees the loss options: a changed gain is a conflict.
+  written = {k: tuple(v) if isinstance(v, list) else v for k, v in config.options['loss'].items()}
+  assert written == dict(config.loss)  # config.yaml's lists are the loss's tuples
+  # The resume check still sees the gains: a changed gain is a conflict. The speed settings
+  # change no result, so a resumed run may change them.
   changed = copy.deepcopy(config.options)
   changed['loss']['box'] = 0.1
-  assert config_lib.resume_conflicts(config.options, changed) == [
-    'loss: ' + repr(config.options['loss']) + ' -> ' + repr(changed['loss'])
-  ]
+  changed['loss']['capacity_fractions'] = []
+  changed['loss']['batch_groups'] = 1
+  assert config_lib.resume_conflicts(config.options, changed) == ['loss.box: 0.05 -> 0.1']
+
+
+def test_loss_speed_settings_reach_the_loss_as_tuples(tmp_path):
+  path = tmp_path / 'flat.yaml'
+  path.write_text(yaml.safe_dump({'loss': {'capacity_fractions': [0.25], 'batch_groups': 1}}))
+  config = _load(path=path)
+  assert config.loss['capacity_fractions'] == (0.25,) and config.loss['batch_groups'] == 1
+  assert config.options['loss']['capacity_fractions'] == [0.25]  # as config.yaml writes it
+  model = yolo.p6_nano(num_classes=6)
+  built = config_lib.assembly.loss_config(model, image_size=256, gains=config.loss)
+  assert built.capacity_fractions == (0.25,) and built.batch_groups == 1
+  hash(built)  # a static argument of the jitted step
+  defaults = _load().loss
+  assert defaults['capacity_fractions'] == config_lib.loss_lib.LossConfig.p6(1).capacity_fractions
 
 
 def test_unknown_keys_name_the_file(tmp_path):

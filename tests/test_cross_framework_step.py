@@ -65,7 +65,11 @@ def both_steps():
   variables = convert.import_state_dict(model, torch_model.state_dict())
 
   schedule = optim.Schedule(epochs=1, batch_size=BATCH, steps_per_epoch=4)
-  ours = assembly.assemble(model, image_size=SIZE, schedule=schedule, variables=variables)
+  # The loss's speed settings at their simplest (one branch to compile; no result changes).
+  flat = {'capacity_fractions': (), 'batch_groups': 1}
+  ours = assembly.assemble(
+    model, image_size=SIZE, schedule=schedule, gains=flat, variables=variables
+  )
   setup, state, loss_config = ours.setup, ours.state, ours.loss_config
   lrs, momentum = np.asarray([0.02, 0.01, 0.05]), 0.9
   decays = schedule.weight_decays

@@ -21,6 +21,7 @@ import sys
 import time
 from pathlib import Path
 
+import benchmark_scripts
 import jax
 import numpy as np
 import pytest
@@ -79,6 +80,7 @@ def runs(tmp_path_factory):
     'eval': {'batch_size': 4, 'max_detections': 100, 'max_candidates': 200},
     'augment': {'enabled': False},
     'recipe': {'lr0': 0.04, 'warmup_epochs': 0.0, 'min_warmup_steps': 2},
+    'loss': benchmark_scripts.FLAT_LOSS,  # the sharing is tested, not the loss's branches
     'checkpoint': {'save_every': 2, 'keep_last': 2},
     'log': {'progress': False, 'plots': False, 'tensorboard': True},
   }

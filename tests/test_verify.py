@@ -37,9 +37,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import benchmark_scripts
 import numpy as np
 import pytest
 import torch
+import yaml
 from sas_yolov7.models.yolo import Model
 
 from reorg_jax.data import synthetic
@@ -93,9 +95,10 @@ def verified(tmp_path_factory) -> Verified:
   base = tmp_path_factory.mktemp('verify')
   synthetic.write_dataset(base / 'data', num_train=8, num_val=2, image_size=64, seed=0)
   model, ema = _training_checkpoint(base / 'nano80_training.pt')
+  (base / 'flat.yaml').write_text(yaml.safe_dump({'loss': benchmark_scripts.FLAT_LOSS}))
   done = subprocess.run(
     [str(COMMAND), 'verify', '--weights', 'nano80_training.pt', '--data', 'data/data.yaml',
-     '--workdir', 'out', *ARGS],
+     '--config', 'flat.yaml', '--workdir', 'out', *ARGS],
     cwd=base, capture_output=True, text=True, timeout=900,
   )  # fmt: skip
   small = Model(copy.deepcopy(yolo.load_config(yolo.NANO_CONFIG)), nc=len(synthetic.CLASS_NAMES))

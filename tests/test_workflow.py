@@ -27,6 +27,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import benchmark_scripts
 import cv2
 import numpy as np
 import pytest
@@ -122,6 +123,7 @@ def tiny(tmp_path_factory) -> Tiny:
     yaml.safe_dump(
       {
         'train': {'loader_threads': 1},
+        'loss': benchmark_scripts.FLAT_LOSS,
         'eval': {'batch_size': EVAL_BATCH, 'score_threshold': CONF},
         'log': {'plots': False, 'tensorboard': False, 'progress': False},
       }

@@ -46,6 +46,7 @@ __all__ = [
   'DEFAULT_PATH',
   'FIXED_ON_RESUME',
   'LOSS_OPTIONS',
+  'LOSS_SPEED_OPTIONS',
   'NULLABLE',
   'ConfigError',
   'boxes_per_image',
@@ -65,8 +66,11 @@ __all__ = [
 
 DEFAULT_PATH = Path(__file__).resolve().parent / 'configs' / 'default.yaml'
 
-# The LossConfig fields that are options of the program (the ``loss`` section).
-LOSS_OPTIONS = assembly.GAIN_FIELDS
+# The LossConfig fields that are options of the program (the ``loss`` section): the gains,
+# and the two speed settings of the loss, which trade the step's compile time against its
+# run time and change no result.
+LOSS_SPEED_OPTIONS = ('capacity_fractions', 'batch_groups')
+LOSS_OPTIONS = (*assembly.GAIN_FIELDS, *LOSS_SPEED_OPTIONS)
 
 # Options whose value must not change when a run is resumed.
 FIXED_ON_RESUME = (
@@ -80,7 +84,7 @@ FIXED_ON_RESUME = (
   'train.freeze',
   'recipe',
   'augment',
-  'loss',
+  *(f'loss.{name}' for name in assembly.GAIN_FIELDS),  # the speed settings may change
 )
 
 # Options that name files (made absolute by :func:`load`).
@@ -138,9 +142,15 @@ def dotted(overrides: dict[str, Any]) -> dict[str, Any]:
 
 
 def defaults() -> dict[str, Any]:
-  """Every option with its default: ``default.yaml``, its ``loss`` gains over LossConfig's."""
+  """Every option with its default: ``default.yaml``, its ``loss`` options over LossConfig's.
+
+  A tuple default of LossConfig is a list here, as YAML writes and reads it.
+  """
   config = read_yaml(DEFAULT_PATH)
-  fields = {field.name: field.default for field in dataclasses.fields(loss_lib.LossConfig)}
+  fields = {
+    field.name: list(field.default) if isinstance(field.default, tuple) else field.default
+    for field in dataclasses.fields(loss_lib.LossConfig)
+  }
   changed = config.pop('loss', None) or {}
   unknown = sorted(set(changed) - set(LOSS_OPTIONS))
   if unknown:
@@ -342,6 +352,12 @@ def _check_types(checker: _Checker, reference: dict[str, Any]) -> None:
       checker.require(key, _is_number, 'must be a finite number')
     elif isinstance(default, str):
       checker.require(key, lambda v: isinstance(v, str), 'must be a string')
+    elif isinstance(default, list):
+      checker.require(
+        key,
+        lambda v: isinstance(v, (list, tuple)) and all(_is_number(x) for x in v),
+        'must be a list of finite numbers',
+      )
 
 
 def check(config: dict[str, Any], *, origins: dict[str, str] | None = None) -> None:

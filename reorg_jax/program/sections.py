@@ -127,7 +127,8 @@ class RunConfig:
     train: see :class:`TrainSection`.
     recipe: the optimiser recipe.
     augment: the training augmentation, ``None`` when disabled.
-    loss: the loss gains (:data:`reorg_jax.training.assembly.GAIN_FIELDS`), read-only.
+    loss: the loss options (:data:`reorg_jax.program.config.LOSS_OPTIONS`: the gains
+      and the speed settings, lists as tuples), read-only.
     eval: see :class:`EvalSection`.
     checkpoint: see :class:`CheckpointSection`.
     log: see :class:`LogSection`.
@@ -142,7 +143,7 @@ class RunConfig:
   train: TrainSection
   recipe: optim.RecipeConfig
   augment: augment.AugmentConfig | None
-  loss: Mapping[str, float]
+  loss: Mapping[str, float | int | tuple[float, ...]]
   eval: EvalSection
   checkpoint: CheckpointSection
   log: LogSection
@@ -166,7 +167,9 @@ def resolve(options: Mapping[str, Any]) -> RunConfig:
     train=TrainSection(**options['train']),
     recipe=optim.RecipeConfig(**options['recipe']),
     augment=augment.AugmentConfig(**aug) if enabled else None,
-    loss=types.MappingProxyType(dict(options['loss'])),
+    loss=types.MappingProxyType(
+      {k: tuple(v) if isinstance(v, list) else v for k, v in options['loss'].items()}
+    ),
     eval=EvalSection(**options['eval']),
     checkpoint=CheckpointSection(**options['checkpoint']),
     log=LogSection(**options['log']),

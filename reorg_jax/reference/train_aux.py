@@ -54,6 +54,7 @@ from typing import Any
 import numpy as np
 
 from reorg_jax.program.sections import RunConfig
+from reorg_jax.training import assembly
 
 # The auxiliary head's share of the loss, written into upstream's ComputeLossAuxOTA.
 UPSTREAM_AUX_WEIGHT = 0.25
@@ -114,7 +115,8 @@ def hyperparameters(config: RunConfig, *, num_levels: int, num_classes: int) -> 
     'warmup_bias_lr',
   ):
     hyp[key] = recipe[key]
-  loss = dict(config.loss)
+  # The gains only: the loss's speed settings are ours and change no result.
+  loss = {name: config.loss[name] for name in assembly.GAIN_FIELDS}
   if loss.pop('aux_weight') != UPSTREAM_AUX_WEIGHT:
     raise ValueError(
       f"loss.aux_weight = {config.loss['aux_weight']}: upstream's ComputeLossAuxOTA fixes "
