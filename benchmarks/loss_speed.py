@@ -39,6 +39,7 @@ each timed call lets its threads settle.
     python benchmarks/loss_speed.py              # B=16, 640x640, C=80, 7 and 30 boxes/image
     python benchmarks/loss_speed.py --sweep      # plus 0..200 boxes/image
     python benchmarks/loss_speed.py --memory     # plus B=16 with 300 boxes/image (ours only)
+    python benchmarks/loss_speed.py --one-branch # our loss compiled as one branch
     python benchmarks/loss_speed.py --rounds 9 --repeats 5
 
 The upstream package (``pip install -e '.[test]'``) is needed for the ratios;
@@ -68,14 +69,26 @@ _TESTS = pathlib.Path(__file__).resolve().parent.parent / 'tests'
 _SETTLE_S = 0.3
 
 
-def make_case(seed: int, batch: int, boxes: int, size: int, num_classes: int):
+# The loss's speed settings with one branch to compile (``--one-branch``).
+ONE_BRANCH = {'capacity_fractions': (), 'batch_groups': 1}
+
+
+def make_case(
+  seed: int, batch: int, boxes: int, size: int, num_classes: int, *, one_branch: bool = False
+):
   """``(config, hw, targets, outputs)``: ``boxes`` boxes per image, ``2L`` NumPy head outputs.
 
   The scene of :func:`reorg_jax.testing.random_scene` with ``M = max(boxes, 1)``;
-  upstream's label rows of the same boxes are ``targets.to_yolo()``.
+  upstream's label rows of the same boxes are ``targets.to_yolo()``. ``one_branch``:
+  the config's speed settings are :data:`ONE_BRANCH` (the same results).
   """
   config, targets, outputs = testing.random_scene(
-    seed, [boxes] * batch, num_classes=num_classes, max_boxes=max(boxes, 1), image_hw=(size, size)
+    seed,
+    [boxes] * batch,
+    num_classes=num_classes,
+    max_boxes=max(boxes, 1),
+    image_hw=(size, size),
+    **(ONE_BRANCH if one_branch else {}),
   )
   return config, (size, size), targets, [np.array(o) for o in outputs]  # writable, for torch
 
@@ -209,7 +222,9 @@ def worker(framework: str, args: argparse.Namespace) -> None:
     boxes = request['boxes']
     if cached is None or cached[0] != boxes:
       cached = None  # free the previous case first
-      case = make_case(boxes, args.batch, boxes, args.size, args.classes)
+      case = make_case(
+        boxes, args.batch, boxes, args.size, args.classes, one_branch=args.one_branch
+      )
       cached = (boxes, *build(*case))
       start = time.perf_counter()
       cached[1]()
@@ -305,6 +320,12 @@ def _parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
   parser.add_argument('--memory', action='store_true', help='add B=16 x 300 boxes, ours only')
   parser.add_argument('--repeats', type=int, default=5, help='timed calls per round (best kept)')
   parser.add_argument('--rounds', type=int, default=5, help='alternating rounds per box count')
+  parser.add_argument(
+    '--one-branch',
+    action='store_true',
+    help='our loss with capacity_fractions=() and batch_groups=1: one branch to compile '
+    'instead of 12, the same results (the compile time prints as "our first calls")',
+  )
   parser.add_argument('--worker', choices=['ours', 'upstream', 'memory'], help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
   for name in ('batch', 'size', 'classes', 'repeats', 'rounds'):
@@ -317,6 +338,7 @@ def _parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     f'--size={args.size}',
     f'--classes={args.classes}',
     f'--repeats={args.repeats}',
+    *(['--one-branch'] if args.one_branch else []),
   ]
   return args, shared
 
@@ -375,6 +397,11 @@ def main(argv: list[str] | None = None) -> None:
   print(
     f'# B={args.batch}, {args.size}x{args.size}, C={args.classes}; each framework in its own '
     f'process, {args.rounds} alternating rounds of best-of-{args.repeats}'
+    + (
+      '; our loss with one branch (capacity_fractions=(), batch_groups=1)'
+      if args.one_branch
+      else ''
+    )
   )
   workers = [_Worker('ours', shared), _Worker('upstream', shared)]
   ours, upstream = workers

@@ -7,9 +7,10 @@ import benchmark_scripts
 
 def test_prints_both_sides_ratios_and_the_fresh_write(capsys):
   module = benchmark_scripts.load('loss_speed')
-  argv = ['--batch', '2', '--size', '128', '--classes', '3', '--boxes', '2']
+  argv = ['--batch', '2', '--size', '128', '--classes', '3', '--boxes', '2', '--one-branch']
   module.main([*argv, '--rounds', '2', '--repeats', '1'])
   out = capsys.readouterr().out
+  assert '; our loss with one branch (capacity_fractions=(), batch_groups=1)' in out
   number = r'([\d.]+)'
   rows = [line.split() for line in out.splitlines() if re.match(r'^\s+2  fwd(\+bwd)?  ', line)]
   # boxes, label, upstream best, its rounds (median, [range]), ours best, ours rounds, ratio, ...
