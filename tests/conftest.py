@@ -13,20 +13,25 @@ from reorg_jax.reference import oracle  # noqa: F401  (registers the torchvision
 # starting with the longest keeps one worker from running a long file alone at the end.
 LONGEST_FIRST = (
   'test_train.py',
+  'test_distributed.py',
+  'test_compact.py',
   'test_workflow.py',
   'test_models.py',
-  'test_verify.py',
-  'test_distributed.py',
-  'test_remat.py',
   'test_trained_step.py',
-  'test_oracle_parity.py',
-  'test_assigner.py',
-  'test_slots.py',
-  'test_compact.py',
   'test_freeze.py',
+  'test_remat.py',
   'test_train_vs_upstream.py',
   'training.ipynb',
+  'test_verify.py',
+  'test_device_step.py',
+  'test_convolution.py',
+  'label_assignment.ipynb',
+  'test_oracle_parity.py',
+  'test_slots.py',
   'test_cross_framework_step.py',
+  'cross_framework.ipynb',
+  'test_assignment_stats.py',
+  'test_assigner.py',
 )
 
 
