@@ -95,6 +95,7 @@ def verified(tmp_path_factory) -> Verified:
   base = tmp_path_factory.mktemp('verify')
   synthetic.write_dataset(base / 'data', num_train=8, num_val=2, image_size=64, seed=0)
   model, ema = _training_checkpoint(base / 'nano80_training.pt')
+  # One loss branch to compile (benchmark_scripts.FLAT_LOSS): the same results, a quicker compile.
   (base / 'flat.yaml').write_text(yaml.safe_dump({'loss': benchmark_scripts.FLAT_LOSS}))
   done = subprocess.run(
     [str(COMMAND), 'verify', '--weights', 'nano80_training.pt', '--data', 'data/data.yaml',
