@@ -158,6 +158,7 @@ def _ours_setup(case: Case, *, smoke: bool):
   import jax
   import jax.numpy as jnp
 
+  from reorg_jax import testing
   from reorg_jax.models import yolo
   from reorg_jax.training import assembly, optim
 
@@ -166,7 +167,7 @@ def _ours_setup(case: Case, *, smoke: bool):
   else:
     model = yolo.build_model(_config_path(case.model), num_classes=case.num_classes)
   # The smoke run compiles the simplest capacity ladder (a speed setting only).
-  speed = {'capacity_fractions': (), 'batch_groups': 1} if smoke else {}
+  speed = testing.ONE_BRANCH if smoke else {}
   schedule = optim.Schedule(epochs=1, batch_size=case.batch_size, steps_per_epoch=1000)
   # One initialisation per model (on the host): the dtypes and policies share it. The
   # values do not depend on the side of the dummy image, so the smallest one does.

@@ -69,10 +69,6 @@ _TESTS = pathlib.Path(__file__).resolve().parent.parent / 'tests'
 _SETTLE_S = 0.3
 
 
-# The loss's speed settings with one branch to compile (``--one-branch``).
-ONE_BRANCH = {'capacity_fractions': (), 'batch_groups': 1}
-
-
 def make_case(
   seed: int, batch: int, boxes: int, size: int, num_classes: int, *, one_branch: bool = False
 ):
@@ -80,7 +76,7 @@ def make_case(
 
   The scene of :func:`reorg_jax.testing.random_scene` with ``M = max(boxes, 1)``;
   upstream's label rows of the same boxes are ``targets.to_yolo()``. ``one_branch``:
-  the config's speed settings are :data:`ONE_BRANCH` (the same results).
+  the config's speed settings are :data:`reorg_jax.testing.ONE_BRANCH` (the same results).
   """
   config, targets, outputs = testing.random_scene(
     seed,
@@ -88,7 +84,7 @@ def make_case(
     num_classes=num_classes,
     max_boxes=max(boxes, 1),
     image_hw=(size, size),
-    **(ONE_BRANCH if one_branch else {}),
+    **(testing.ONE_BRANCH if one_branch else {}),
   )
   return config, (size, size), targets, [np.array(o) for o in outputs]  # writable, for torch
 

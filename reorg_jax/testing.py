@@ -16,7 +16,19 @@ import numpy as np
 from reorg_jax.loss._config import LossConfig
 from reorg_jax.targets import Targets
 
-__all__ = ['Scene', 'make_scene', 'random_head_outputs', 'random_labels', 'random_scene']
+__all__ = [
+  'ONE_BRANCH',
+  'Scene',
+  'make_scene',
+  'random_head_outputs',
+  'random_labels',
+  'random_scene',
+]
+
+# The loss's speed settings at their simplest (LossConfig fields): one capacity, one image
+# group, so one branch for XLA to compile instead of the defaults' 12. The results do not
+# depend on them (tests/test_compact.py); tests whose subject is not the packed loss use it.
+ONE_BRANCH = {'capacity_fractions': (), 'batch_groups': 1}
 
 
 def random_labels(
@@ -184,7 +196,7 @@ def make_scene(scene: Scene) -> tuple[LossConfig, tuple[int, int], Targets, list
   counts = list(rng.integers(0, scene.max_count + 1, size=scene.batch))
   counts[: scene.empty_images] = [0] * scene.empty_images
   hw = (scene.size, scene.size)
-  flat = {'capacity_fractions': (), 'batch_groups': 1} if scene.flat else {}
+  flat = ONE_BRANCH if scene.flat else {}
   config, targets, outputs = random_scene(
     rng, counts, num_classes=scene.num_classes, max_boxes=scene.max_boxes, image_hw=hw, **flat
   )

@@ -12,19 +12,22 @@ import importlib.util
 import pathlib
 from types import ModuleType
 
+import yaml
+
+from reorg_jax import testing
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-# The loss's speed settings at their simplest: one branch to compile instead of the
-# default's 12 (6 capacities in each of 2 image groups). Measured: a few-convolution P6 model's
-# step compiled in 17.5 s instead of 53.6 s, p6_nano's at 256 px in 46 s instead of 85 s. The
-# result does not depend on them (tests/test_compact.py).
-FLAT_LOSS = {'capacity_fractions': [], 'batch_groups': 1}
-TINY_RUN = """\
-synthetic: {num_train: 8, num_val: 4, image_size: 128}
-train: {batch_size: 2, image_size: 128}
-augment: {mosaic: 0.5, scale: 0.5}
-eval: {batch_size: 4}
-loss: {capacity_fractions: [], batch_groups: 1}
-log: {plots: false}
+# The loss's speed settings with one branch to compile (reorg_jax.testing.ONE_BRANCH), as a
+# run's ``loss`` section (YAML lists). Measured: a few-convolution P6 model's step compiled in
+# 17.5 s instead of 53.6 s, p6_nano's at 256 px in 46 s instead of 85 s.
+FLAT_LOSS = {k: list(v) if isinstance(v, tuple) else v for k, v in testing.ONE_BRANCH.items()}
+TINY_RUN = f"""\
+synthetic: {{num_train: 8, num_val: 4, image_size: 128}}
+train: {{batch_size: 2, image_size: 128}}
+augment: {{mosaic: 0.5, scale: 0.5}}
+eval: {{batch_size: 4}}
+loss: {yaml.safe_dump(FLAT_LOSS, default_flow_style=True).strip()}
+log: {{plots: false}}
 """
 
 

@@ -15,10 +15,9 @@ from reorg_jax import testing
 from reorg_jax.loss._slots import SlotLayout
 
 HW = (320, 320)
-# The loss's speed settings at their simplest: one image group, no capacity ladder, so each
-# loss compiles one branch instead of twelve. The result does not depend on them
-# (tests/test_compact.py checks that), and the default ladder runs in the tracing test here.
-FLAT = {'capacity_fractions': (), 'batch_groups': 1}
+# One loss branch to compile instead of twelve (testing.ONE_BRANCH); the default ladder runs
+# in the tracing test here.
+FLAT = testing.ONE_BRANCH
 
 # One jitted loss for the property tests: it compiles once per scene shape and configuration
 # (``test_jit_equals_eager`` compares it with the eager loss).

@@ -20,8 +20,7 @@ import reorg_jax
 from reorg_jax import testing
 
 HW = (320, 320)
-# One image group and no capacity ladder compile one branch instead of twelve.
-_FLAT = {'batch_groups': 1, 'capacity_fractions': ()}
+_FLAT = testing.ONE_BRANCH  # one loss branch to compile instead of twelve
 
 
 def _expected(outputs, targets, config) -> dict[str, int]:

@@ -22,6 +22,7 @@ from sas_yolov7.models.common import ImplicitA, ImplicitM
 from sas_yolov7.models.yolo import Model
 
 import reorg_jax
+from reorg_jax import testing
 from reorg_jax.models import convert, yolo
 from reorg_jax.reference import oracle
 from reorg_jax.reference.models import flushed_denormals
@@ -65,10 +66,9 @@ def both_steps():
   variables = convert.import_state_dict(model, torch_model.state_dict())
 
   schedule = optim.Schedule(epochs=1, batch_size=BATCH, steps_per_epoch=4)
-  # The loss's speed settings at their simplest (one branch to compile; no result changes).
-  flat = {'capacity_fractions': (), 'batch_groups': 1}
+  # One loss branch to compile (testing.ONE_BRANCH): no result changes.
   ours = assembly.assemble(
-    model, image_size=SIZE, schedule=schedule, gains=flat, variables=variables
+    model, image_size=SIZE, schedule=schedule, gains=testing.ONE_BRANCH, variables=variables
   )
   setup, state, loss_config = ours.setup, ours.state, ours.loss_config
   lrs, momentum = np.asarray([0.02, 0.01, 0.05]), 0.9

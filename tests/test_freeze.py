@@ -30,9 +30,7 @@ from reorg_jax.training import assembly, optim, sgd
 from reorg_jax.training import step as train
 
 NUM_CLASSES, SIZE, BATCH, MAX_BOXES, STEPS = 3, 128, 2, 6, 3
-# The loss's speed settings at their simplest (one branch to compile; the result does not
-# depend on them, tests/test_compact.py).
-FLAT = {'capacity_fractions': (), 'batch_groups': 1}
+FLAT = testing.ONE_BRANCH  # one loss branch to compile; the results do not depend on it
 # Layers 0..9: the ReOrg stem (no parameters), convolutions and a Concat (none either).
 FROZEN = 10
 

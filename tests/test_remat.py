@@ -40,9 +40,7 @@ from reorg_jax.training import assembly, optim
 from reorg_jax.training import step as step_lib
 
 NUM_CLASSES, SIZE, BATCH, MAX_BOXES = 3, 128, 2, 6
-# The loss's speed settings at their simplest (one branch to compile; the result does not
-# depend on them, tests/test_compact.py).
-FLAT = {'capacity_fractions': (), 'batch_groups': 1}
+FLAT = testing.ONE_BRANCH  # one loss branch to compile; the results do not depend on it
 CONFIGS = pathlib.Path(sas_yolov7.__file__).parent / 'cfg' / 'training'
 
 

@@ -113,10 +113,9 @@ def _shared_cells(assignment) -> int:
   return shared
 
 
-# One image group and no capacity ladder compile one branch instead of twelve; the default
-# speed settings run in the first case (the gradient does not depend on them:
-# tests/test_compact.py).
-_FLAT = {'batch_groups': 1, 'capacity_fractions': ()}
+# One loss branch to compile (testing.ONE_BRANCH); the default speed settings run in the first
+# case (the gradient does not depend on them: tests/test_compact.py).
+_FLAT = testing.ONE_BRANCH
 
 
 @pytest.mark.parametrize(
